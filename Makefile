@@ -1,0 +1,24 @@
+# Two entry points that set everything up from nothing: `make test` and `make demo`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: setup test demo clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py --out out/demo
+
+clean:
+	rm -rf out/demo

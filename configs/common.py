@@ -1,0 +1,77 @@
+"""Shared config pieces: the UniDiffuser-v1 components at full size and their tiny counterparts.
+
+Every size-like number lives here once and is tied to its users with ``get_ref``; scripts read them from the
+config (or from the encoders' own configs) instead of repeating literals.
+"""
+import ml_collections
+
+
+def d(**kwargs):
+    """Helper to build a ConfigDict inline."""
+    return ml_collections.ConfigDict(initial_dictionary=kwargs)
+
+
+def sd_vae_arch():
+    """diffusers AutoencoderKL arguments of the Stable Diffusion KL-f8 VAE (UniDiffuser's autoencoder_kl.pth)."""
+    return d(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+             layers_per_block=2, norm_num_groups=32,
+             down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4)
+
+
+def tiny_vae_arch():
+    """A two-level VAE (downsampling 2x) small enough for CPU tests."""
+    return d(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+             norm_num_groups=8, down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2)
+
+
+def gpt2_base():
+    """GPT-2 base, the caption decoder's language model (vocab = GPT-2 + <|EOS|>)."""
+    return d(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50258)
+
+
+def unidiffuser(version='v1'):
+    """UniDiffuser-v0/v1 at 512x512, with the official nnet keys."""
+    config = ml_collections.ConfigDict()
+    config.seed = 1234
+    config.z_shape = (4, 64, 64)
+    config.clip_img_dim = 512
+    config.clip_text_dim = 768
+    config.text_dim = 64            # the caption decoder's reduced text dimension, what the U-ViT sees
+    config.num_text_tokens = 77     # CLIP's context; checked against the text encoder's config at load time
+    config.data_type = 1 if version == 'v1' else 0
+    config.mixed_precision = 'bf16'  # used on GPUs only; CPU runs in float32
+    config.autoencoder = d(pretrained_path='models/autoencoder_kl.pth', scale_factor=0.18215, arch=sd_vae_arch())
+    config.clip_text = d(name_or_path='openai/clip-vit-large-patch14', local_files_only=False)
+    config.clip_img = d(name_or_path='openai/clip-vit-base-patch32', local_files_only=False)
+    config.caption_decoder = d(pretrained_path='models/caption_decoder.pth', tokenizer='gpt2',
+                               local_files_only=False, hidden_dim=config.get_ref('text_dim'), gpt2=gpt2_base())
+    config.nnet = d(name='uvit_multi_post_ln_v1' if version == 'v1' else 'uvit_multi_post_ln', img_size=64,
+                    in_chans=4, patch_size=2, embed_dim=1536, depth=30, num_heads=24, mlp_ratio=4, qkv_bias=False,
+                    pos_drop_rate=0., drop_rate=0., attn_drop_rate=0., mlp_time_embed=False,
+                    text_dim=config.get_ref('text_dim'), num_text_tokens=config.get_ref('num_text_tokens'),
+                    clip_img_dim=config.get_ref('clip_img_dim'), use_checkpoint=True)
+    config.nnet_path = f'models/uvit_{version}.pth'
+    config.sample = d(sample_steps=50, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast')
+    return config
+
+
+def tiny(root='models/tiny', condition=False):
+    """Tiny random components (written by scripts/make_tiny_models.py) that run every mode on a CPU in seconds."""
+    config = unidiffuser('v1')
+    config.z_shape = (4, 16, 16)      # 32x32 images through the 2x tiny VAE
+    config.clip_img_dim = 16
+    config.clip_text_dim = 32
+    config.text_dim = 8
+    config.num_text_tokens = 16
+    config.mixed_precision = 'no'
+    config.autoencoder = d(pretrained_path=f'{root}/autoencoder_kl.pth', scale_factor=0.18215, arch=tiny_vae_arch())
+    config.clip_text = d(name_or_path=f'{root}/clip_text', local_files_only=True)
+    config.clip_img = d(name_or_path=f'{root}/clip_img', local_files_only=True)
+    config.caption_decoder = d(pretrained_path=f'{root}/caption_decoder.pth', tokenizer=f'{root}/gpt2_tokenizer',
+                               local_files_only=True, hidden_dim=config.get_ref('text_dim'),
+                               gpt2=d(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=-1))
+    config.nnet.update(name='uvit_empath' if condition else 'uvit_multi_post_ln_v1', img_size=16, embed_dim=32,
+                       depth=2, num_heads=2, mlp_ratio=2, use_checkpoint=False)
+    config.nnet_path = f'{root}/uvit_{"empath" if condition else "v1"}.pth'
+    config.sample = d(sample_steps=4, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast')
+    return config

@@ -1,0 +1,1 @@
+"""EmpathDiffuser library: models, encoders, diffusion maths, data and metrics."""

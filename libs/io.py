@@ -1,0 +1,86 @@
+"""Reading weights safely and writing files atomically (a crash never leaves a half-written file behind)."""
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict
+
+import torch
+
+from libs.errors import UserError
+
+
+def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -> Dict[str, torch.Tensor]:
+    """Load a flat tensor dict from .safetensors or a .pth/.pt/.ckpt file, never unpickling arbitrary objects."""
+    if not os.path.isfile(path):
+        hint = f' {how_to_get}' if how_to_get else ''
+        raise UserError(f'{what} not found: {path}.{hint}')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path)
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or foreign file: say which one, not a stack trace
+        raise UserError(f'cannot read {what} {path}: {type(e).__name__}: {e}') from e
+    if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict):
+        sd = sd['state_dict']
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f'{what} {path} is not a flat dict of tensors')
+    return sd
+
+
+def describe_mismatch(expected: Dict[str, torch.Size], found: Dict[str, torch.Size], limit: int = 5) -> str:
+    """Human summary of missing keys, unexpected keys and shape mismatches between two key->shape maps."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f'{k}: expected {tuple(expected[k])}, found {tuple(found[k])}'
+              for k in expected if k in found and tuple(expected[k]) != tuple(found[k])]
+    parts = []
+    for name, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+        if items:
+            more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
+            parts.append(f'{len(items)} {name}: {", ".join(items[:limit])}{more}')
+    return '; '.join(parts)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write bytes to path via a temp file in the same folder and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-' + os.path.basename(path))
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """Atomically write a JSON document (indented, UTF-8)."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False).encode('utf-8'))
+
+
+def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str] = None) -> None:
+    """Atomically write tensors as safetensors."""
+    from safetensors.torch import save
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+def atomic_replace_dir(tmp_dir: str, final_dir: str) -> None:
+    """Move a finished temp folder into place; an older folder of that name is removed only afterwards."""
+    old = None
+    if os.path.exists(final_dir):
+        old = final_dir + '.old'
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old:
+        shutil.rmtree(old)

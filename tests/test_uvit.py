@@ -1,0 +1,252 @@
+"""U-ViT: official layouts load strictly, the official forward is reproduced, prefix attention is exact."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from libs.errors import UserError
+from libs.uvit import NETS, UViT, build_nnet, load_nnet_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference')
+needs_reference = pytest.mark.skipif(not os.path.isdir(REFERENCE), reason='../shared/reference is not beside the repo')
+
+FULL_V1 = dict(img_size=64, in_chans=4, patch_size=2, embed_dim=1536, depth=30, num_heads=24, mlp_ratio=4,
+               qkv_bias=False, pos_drop_rate=0., drop_rate=0., attn_drop_rate=0., mlp_time_embed=False, text_dim=64,
+               num_text_tokens=77, clip_img_dim=512, use_checkpoint=True)
+TINY = dict(img_size=8, in_chans=4, patch_size=2, embed_dim=32, depth=4, num_heads=4, mlp_ratio=2, qkv_bias=False,
+            mlp_time_embed=False, text_dim=8, num_text_tokens=5, clip_img_dim=16)
+
+
+def key_shapes(name):
+    with open(os.path.join(REFERENCE, f'{name}.keys.json')) as f:
+        return {k: tuple(v) for k, v in json.load(f).items()}
+
+
+@needs_reference
+@pytest.mark.parametrize('net,ref', [('uvit_multi_post_ln_v1', 'uvit_v1'), ('uvit_multi_post_ln', 'uvit_v0')])
+def test_official_layout_full_size_meta(net, ref):
+    with torch.device('meta'):
+        model = build_nnet(dict(FULL_V1, name=net))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == key_shapes(ref)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(952.5e6, rel=2e-3)
+
+
+@needs_reference
+def test_empath_model_is_official_plus_condition_keys():
+    with torch.device('meta'):
+        model = build_nnet(dict(FULL_V1, name='uvit_empath'))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    official = key_shapes('uvit_v1')
+    assert all(shapes[k] == s for k, s in official.items())
+    new = sorted(set(shapes) - set(official))
+    assert new[:3] == ['emo_token', 'emotion_head.0.bias', 'emotion_head.0.weight']
+    assert shapes['pos_embed_cond'] == official['pos_embed'] and 'segment_embed' in new
+
+
+def fixture():
+    from safetensors import safe_open
+    with safe_open(os.path.join(REFERENCE, 'fixtures', 'uvit_v1_tiny.safetensors'), 'pt') as f:
+        config = json.loads(f.metadata()['config'])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return config, pick('param.'), pick('input.'), pick('output.')
+
+
+@needs_reference
+def test_reproduces_official_v1_forward_fixture():
+    config, params, inputs, outputs = fixture()
+    model = build_nnet(dict(config, name='uvit_multi_post_ln_v1')).eval()
+    model.load_state_dict(params, strict=True)
+    with torch.no_grad():
+        out = model(inputs['img'], inputs['clip_img'], inputs['text'], inputs['t_img'], inputs['t_text'],
+                    inputs['data_type'])
+    for got, name in zip(out, ('img', 'clip_img', 'text')):
+        torch.testing.assert_close(got, outputs[name], atol=1e-5, rtol=1e-5)
+
+
+def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=None):
+    """An independent restatement of the official post-LN U-ViT forward, written with plain tensor ops."""
+    D, H, p = cfg['embed_dim'], cfg['num_heads'], cfg['patch_size']
+    lin = lambda x, name, bias=True: F.linear(x, params[name + '.weight'], params.get(name + '.bias'))
+    ln = lambda x, name: F.layer_norm(x, (D,), params[name + '.weight'], params[name + '.bias'])
+
+    def temb(t):
+        half = D // 2
+        freqs = torch.exp(-torch.log(torch.tensor(10000.)) * torch.arange(half) / half)
+        a = t[:, None].float() * freqs
+        return torch.cat([a.cos(), a.sin()], -1)[:, None]
+
+    def block(x, name, skip=None):
+        if skip is not None:
+            x = ln(lin(torch.cat([x, skip], -1), name + '.skip_linear'), name + '.norm1')
+        B, L, _ = x.shape
+        qkv = lin(x, name + '.attn.qkv').reshape(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        att = ((qkv[0] @ qkv[1].transpose(-1, -2)) * (D // H) ** -0.5).softmax(-1) @ qkv[2]
+        x = ln(x + lin(att.transpose(1, 2).reshape(B, L, D), name + '.attn.proj'), name + '.norm2')
+        h = lin(F.gelu(lin(x, name + '.mlp.fc1')), name + '.mlp.fc2')
+        return ln(x + h, name + '.norm3')
+
+    B, C, Hh, Ww = img.shape
+    patches = F.conv2d(img, params['patch_embed.proj.weight'], params['patch_embed.proj.bias'], stride=p)
+    patches = patches.flatten(2).transpose(1, 2)
+    toks = [temb(t_img), temb(t_text)]
+    pos = params['pos_embed']
+    n_head = 2 + text.shape[1] + 1
+    head, pos_patch = pos[:, :n_head], pos[:, n_head:]
+    g0 = cfg['img_size'] // p
+    if (Hh // p, Ww // p) != (g0, g0):
+        grid = pos_patch.reshape(1, g0, g0, D).permute(0, 3, 1, 2)
+        pos_patch = F.interpolate(grid, (Hh // p, Ww // p), mode='bilinear').permute(0, 2, 3, 1).reshape(1, -1, D)
+    if data_type is not None:
+        toks.append(params['token_embedding.weight'][data_type][:, None])
+        head = torch.cat([head[:, :2], params['pos_embed_token'], head[:, 2:]], 1)
+    toks += [lin(text, 'text_embed'), lin(clip_img, 'clip_img_embed'), patches]
+    x = torch.cat(toks, 1) + torch.cat([head, pos_patch], 1)
+    skips = []
+    for i in range(cfg['depth'] // 2):
+        x = block(x, f'in_blocks.{i}')
+        skips.append(x)
+    x = block(x, 'mid_block')
+    for i in range(cfg['depth'] // 2):
+        x = block(x, f'out_blocks.{i}', skips.pop())
+    x = ln(x, 'norm')
+    n_pre = 3 if data_type is not None else 2
+    T = text.shape[1]
+    img_out = lin(x[:, n_pre + T + 1:], 'decoder_pred')
+    img_out = img_out.reshape(B, Hh // p, Ww // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, Hh, Ww)
+    return img_out, lin(x[:, n_pre + T:n_pre + T + 1], 'clip_img_out'), lin(x[:, n_pre:n_pre + T], 'text_out')
+
+
+def random_inputs(cfg, batch=3, latent=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = latent or cfg['img_size']
+    return dict(img=torch.randn(batch, cfg['in_chans'], size, size, generator=g),
+                clip_img=torch.randn(batch, 1, cfg['clip_img_dim'], generator=g),
+                text=torch.randn(batch, cfg['num_text_tokens'], cfg['text_dim'], generator=g),
+                t_img=torch.tensor([0., 437.5, 1000.][:batch]), t_text=torch.tensor([1000., 12., 0.][:batch]))
+
+
+def randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize('net', ['uvit_multi_post_ln', 'uvit_multi_post_ln_v1'])
+@pytest.mark.parametrize('latent', [8, 4, 12])
+def test_matches_independent_official_forward(net, latent):
+    """v0 and v1, at the default and at other latent sizes (positional-embedding interpolation)."""
+    model = randomize(build_nnet(dict(TINY, name=net))).eval()
+    x = random_inputs(TINY, latent=latent)
+    dt = torch.tensor([0, 1, 1]) if NETS[net]['use_data_type'] else None
+    params = dict(model.state_dict())
+    with torch.no_grad():
+        got = model(**x, data_type=dt)
+        want = official_forward(params, TINY, **x, data_type=dt)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def speaker(cfg, batch=3, seed=1):
+    x = random_inputs(cfg, batch, seed=seed)
+    x['t_img'] = torch.tensor([0., 1000., 0.][:batch])
+    x['t_text'] = torch.tensor([0., 0., 1000.][:batch])
+    return x
+
+
+def test_prefix_cache_equals_uncached_and_masked_reference():
+    """Caching the speaker path is exact, and prefix attention equals one masked attention over both segments."""
+    model = randomize(build_nnet(dict(TINY, name='uvit_empath'))).eval()
+    x, cond, dt = random_inputs(TINY), speaker(TINY), torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        uncached = model(**x, data_type=dt, cond=cond)
+        cache = model.encode_condition(cond)
+        cached = model(**x, data_type=dt, cond_cache=cache)
+        # The same computation as one attention call with a block mask (speaker rows cannot see the response).
+        full = build_nnet(dict(TINY, name='uvit_empath', attention='full')).eval()
+        full.load_state_dict(model.state_dict())
+        L = 3 + TINY['num_text_tokens'] + 1 + (TINY['img_size'] // 2) ** 2
+        Lc = L  # the speaker segment has no data-type token but carries [EMO]
+        mask = torch.ones(L + Lc, L + Lc, dtype=torch.bool)
+        mask[L:, :L] = False
+        orig = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = lambda q, k, v, **kw: orig(q, k, v, attn_mask=mask, **kw)
+        try:
+            masked = full(**x, data_type=dt, cond=cond)
+        finally:
+            F.scaled_dot_product_attention = orig
+    assert len(uncached) == 4 and uncached[3].shape == (3, 32)
+    for a, b, c in zip(uncached, cached, masked):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_condition_changes_response_and_emotion_depends_on_speaker_only():
+    model = randomize(build_nnet(dict(TINY, name='uvit_empath'))).eval()
+    x, dt = random_inputs(TINY), torch.tensor([1, 1, 1])
+    with torch.no_grad():
+        a = model(**x, data_type=dt, cond=speaker(TINY, seed=1))
+        b = model(**x, data_type=dt, cond=speaker(TINY, seed=2))
+        c = model(**random_inputs(TINY, seed=5), data_type=dt, cond=speaker(TINY, seed=1))
+    assert not torch.allclose(a[0], b[0])
+    torch.testing.assert_close(a[3], c[3])  # prefix attention: emotion ignores the noisy response
+
+
+def test_full_attention_and_gradient_checkpointing_agree():
+    torch.manual_seed(0)
+    for attention in ('prefix', 'full'):
+        grads = []
+        for ckpt in (False, True):
+            model = randomize(build_nnet(dict(TINY, name='uvit_empath', attention=attention, use_checkpoint=ckpt)))
+            out = model(**random_inputs(TINY), data_type=torch.tensor([1, 0, 1]), cond=speaker(TINY))
+            sum(o.square().mean() for o in out).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_registry_lists_valid_names():
+    with pytest.raises(UserError, match='uvit_empath'):
+        build_nnet(dict(TINY, name='uvit_xl'))
+
+
+def test_load_official_into_empath_model(tmp_path):
+    official = randomize(build_nnet(dict(TINY, name='uvit_multi_post_ln_v1')))
+    path = str(tmp_path / 'uvit_v1.pth')
+    torch.save(official.state_dict(), path)
+    model = build_nnet(dict(TINY, name='uvit_empath'))
+    new = load_nnet_weights(model, path)
+    assert sorted(new) == sorted(k for k in model.state_dict() if k not in official.state_dict())
+    torch.testing.assert_close(model.pos_embed_cond, official.pos_embed)
+    assert torch.count_nonzero(model.segment_embed) == 0
+    # Without a speaker turn the response path is untouched by the new parameters.
+    x = random_inputs(TINY)
+    with torch.no_grad():
+        for a, b in zip(model(**x, data_type=torch.tensor([1, 1, 1])),
+                        official(**x, data_type=torch.tensor([1, 1, 1]))):
+            torch.testing.assert_close(a, b)
+
+
+def test_load_rejects_mismatched_checkpoints(tmp_path):
+    model = build_nnet(dict(TINY, name='uvit_multi_post_ln_v1'))
+    sd = model.state_dict()
+    bad = dict(sd, extra=torch.zeros(1))
+    bad['text_embed.weight'] = torch.zeros(3, 3)
+    del bad['norm.bias']
+    torch.save(bad, tmp_path / 'bad.pth')
+    with pytest.raises(UserError) as e:
+        load_nnet_weights(model, str(tmp_path / 'bad.pth'))
+    msg = str(e.value)
+    assert 'norm.bias' in msg and 'extra' in msg and 'text_embed.weight' in msg
+    with pytest.raises(UserError, match='thu-ml/unidiffuser'):
+        load_nnet_weights(model, str(tmp_path / 'missing.pth'))
+    # A v0 checkpoint does not silently load into a v1 model.
+    v0 = build_nnet(dict(TINY, name='uvit_multi_post_ln'))
+    torch.save(v0.state_dict(), tmp_path / 'v0.pth')
+    with pytest.raises(UserError, match='token_embedding'):
+        load_nnet_weights(model, str(tmp_path / 'v0.pth'))
