@@ -11,17 +11,16 @@ def d(**kwargs):
     return ml_collections.ConfigDict(initial_dictionary=kwargs)
 
 
-def sd_vae_arch():
-    """diffusers AutoencoderKL arguments of the Stable Diffusion KL-f8 VAE (UniDiffuser's autoencoder_kl.pth)."""
-    return d(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-             layers_per_block=2, norm_num_groups=32,
-             down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4)
+def sd_vae(path='models/autoencoder_kl.pth'):
+    """The Stable Diffusion KL-f8 VAE of UniDiffuser (autoencoder_kl.pth, LDM key layout)."""
+    return d(pretrained_path=path, in_channels=3, out_channels=3, latent_channels=4,
+             block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, scale_factor=0.18215)
 
 
-def tiny_vae_arch():
+def tiny_vae(path):
     """A two-level VAE (downsampling 2x) small enough for CPU tests."""
-    return d(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-             norm_num_groups=8, down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2)
+    return d(pretrained_path=path, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+             layers_per_block=1, norm_num_groups=8, scale_factor=0.18215)
 
 
 def gpt2_base():
@@ -40,7 +39,7 @@ def unidiffuser(version='v1'):
     config.num_text_tokens = 77     # CLIP's context; checked against the text encoder's config at load time
     config.data_type = 1 if version == 'v1' else 0
     config.mixed_precision = 'bf16'  # used on GPUs only; CPU runs in float32
-    config.autoencoder = d(pretrained_path='models/autoencoder_kl.pth', scale_factor=0.18215, arch=sd_vae_arch())
+    config.autoencoder = sd_vae()
     config.clip_text = d(name_or_path='openai/clip-vit-large-patch14', local_files_only=False)
     config.clip_img = d(name_or_path='openai/clip-vit-base-patch32', local_files_only=False)
     config.caption_decoder = d(pretrained_path='models/caption_decoder.pth', tokenizer='gpt2',
@@ -51,7 +50,10 @@ def unidiffuser(version='v1'):
                     text_dim=config.get_ref('text_dim'), num_text_tokens=config.get_ref('num_text_tokens'),
                     clip_img_dim=config.get_ref('clip_img_dim'), use_checkpoint=True)
     config.nnet_path = f'models/uvit_{version}.pth'
-    config.sample = d(sample_steps=50, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast')
+    # The official sampler: DPM-Solver++ 'fast' on a time-uniform grid (what dpm_solver_pp.sample defaults to;
+    # skip_type='logSNR' is more accurate at few steps but is not what the official results used).
+    config.sample = d(sample_steps=50, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast',
+                      skip_type='time_uniform')
     return config
 
 
@@ -64,7 +66,7 @@ def tiny(root='models/tiny', condition=False):
     config.text_dim = 8
     config.num_text_tokens = 16
     config.mixed_precision = 'no'
-    config.autoencoder = d(pretrained_path=f'{root}/autoencoder_kl.pth', scale_factor=0.18215, arch=tiny_vae_arch())
+    config.autoencoder = tiny_vae(f'{root}/autoencoder_kl.pth')
     config.clip_text = d(name_or_path=f'{root}/clip_text', local_files_only=True)
     config.clip_img = d(name_or_path=f'{root}/clip_img', local_files_only=True)
     config.caption_decoder = d(pretrained_path=f'{root}/caption_decoder.pth', tokenizer=f'{root}/gpt2_tokenizer',
@@ -73,5 +75,5 @@ def tiny(root='models/tiny', condition=False):
     config.nnet.update(name='uvit_empath' if condition else 'uvit_multi_post_ln_v1', img_size=16, embed_dim=32,
                        depth=2, num_heads=2, mlp_ratio=2, use_checkpoint=False)
     config.nnet_path = f'{root}/uvit_{"empath" if condition else "v1"}.pth'
-    config.sample = d(sample_steps=4, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast')
+    config.sample.sample_steps = 4
     return config

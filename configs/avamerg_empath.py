@@ -1,0 +1,46 @@
+"""EmpathDiffuser fine-tuning on AvaMERG at 512x512: UniDiffuser-v1 plus the speaker condition and emotion head.
+
+Run: ``accelerate launch --config_file configs/accelerate/ddp.yaml train_empath.py --config=configs/avamerg_empath.py``
+(any key can be overridden, e.g. ``--config.train.batch_size=32``). ``empath(config)`` adds the training sections to
+any base config; the 256x256 and tiny configs reuse it.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import d, unidiffuser  # noqa: E402
+
+
+def empath(config, features='features/avamerg_512'):
+    """Turn a UniDiffuser config into an EmpathDiffuser training config reading the feature cache ``features``."""
+    config.name = 'avamerg_empath'            # run folder: <workdir>/<name>
+    config.workdir = 'workdir'
+    config.log_with = 'tensorboard'           # 'tensorboard', 'wandb' (offline unless WANDB_MODE says otherwise) or ''
+    config.nnet.update(name='uvit_empath', attention='prefix', num_emotions=32)
+    config.train = d(
+        init_from='models/uvit_v1.pth',       # official (or fine-tuned) U-ViT weights; '' trains from scratch
+        resume=True,                          # continue from the newest complete checkpoint of the run folder
+        n_steps=20000,
+        batch_size=64,                        # pairs per optimizer step, over all processes and accumulation steps
+        grad_accum=1,
+        p_uncond=0.1,                         # each speaker modality (face = latent + CLIP, text) dropped independently
+        emotion_weight=0.1,                   # λ of the emotion cross-entropy
+        ema_rate=0.9999,
+        grad_clip=1.0,                        # max global grad norm; 0 disables clipping (the norm is still logged)
+        max_nonfinite=10,                     # stop after this many consecutive non-finite steps
+        log_every=50,
+        val_every=1000,
+        val_pairs=512,                        # held-out pairs scored at every validation (fixed noise, no dropout)
+        ckpt_every=2000,                      # a multiple of val_every, so checkpoints carry a validation loss
+        keep_last=3,                          # checkpoints kept besides the best one
+        sample_every=5000,                    # response samples on fixed validation turns (needs libs.pipeline)
+        sample_n=4,
+    )
+    config.optimizer = d(lr=2e-5, weight_decay=0.03, betas=(0.9, 0.99), eps=1e-8, warmup_steps=500)
+    config.data = d(train=f'{features}/train', val=f'{features}/test', shuffle_window=8, max_open_shards=8,
+                    num_workers=4)
+    return config
+
+
+def get_config():
+    return empath(unidiffuser('v1'))

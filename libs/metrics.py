@@ -1,0 +1,312 @@
+"""Evaluation metrics for AvaMERG: corpus BLEU and Dist-n, emotion accuracy / macro-F1, and FID."""
+import logging
+import math
+import os
+import re
+import warnings
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from scipy import linalg
+
+from libs.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Lower-cased runs of word characters or of punctuation: the same split as nltk's `wordpunct_tokenize`, needs no data
+# files, and makes "sorry!" and "sorry ." share the token "sorry".
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]+")
+INCEPTION_POOL_DIM = 2048  # the standard FID feature: Inception-v3's final average pool
+INCEPTION_TORCHSCRIPT = 'inception-2015-12-05.pt'  # NVlabs / clean-fid TorchScript export of the TF FID network
+FID_EPS = 1e-6  # diagonal offset used by the reference FID code when sigma1 @ sigma2 is singular
+
+
+# ---------------------------------------------------------------- text ----------------------------------------------
+def tokenize(text):
+    """Lower-case `text` and split it into word and punctuation tokens (`_TOKEN_RE`)."""
+    return _TOKEN_RE.findall(text.lower())
+
+
+def _ngrams(tokens, n):
+    """Counter of the n-grams (tuples) of one token list."""
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu_n(hypotheses, references, max_n=4):
+    """Corpus BLEU-1..max_n in [0, 100], one reference per hypothesis, tokenised with `tokenize`.
+
+    Papineni et al.: clipped n-gram matches and candidate n-gram counts are summed over the corpus before dividing;
+    BLEU-k is the brevity penalty times the geometric mean of p_1..p_k (uniform weights); no smoothing, so a zero
+    precision gives 0.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} references')
+    matches, totals = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hyp, ref in zip(hypotheses, references):
+        hyp, ref = tokenize(hyp), tokenize(ref)
+        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+        for n in range(1, max_n + 1):
+            h, r = _ngrams(hyp, n), _ngrams(ref, n)
+            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
+            totals[n - 1] += sum(h.values())
+    bp = 0.0 if hyp_len == 0 else min(1.0, math.exp(1 - ref_len / hyp_len))
+    scores, log_sum = {}, 0.0
+    for n in range(1, max_n + 1):
+        if matches[n - 1] == 0:
+            log_sum = -math.inf
+        else:
+            log_sum += math.log(matches[n - 1] / totals[n - 1])
+        scores[f'bleu{n}'] = 100.0 * bp * math.exp(log_sum / n)
+    return scores
+
+
+def sacrebleu_score(hypotheses, references):
+    """sacreBLEU's standard corpus BLEU (13a tokeniser, mixed case, exp smoothing) and its signature string."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU()
+    score = bleu.corpus_score(list(hypotheses), [list(references)])
+    return {'score': score.score, 'signature': str(bleu.get_signature())}
+
+
+def distinct_n(texts, n):
+    """Dist-n (Li et al., 2016) as the AvaMERG challenge reports it: distinct n-grams / all n-grams, x100.
+
+    Counted over the whole corpus (n-grams never cross sentence boundaries), tokens from `tokenize`; 0 if the corpus
+    has no n-gram.
+    """
+    grams = Counter()
+    for text in texts:
+        grams.update(_ngrams(tokenize(text), n))
+    total = sum(grams.values())
+    return 100.0 * len(grams) / total if total else 0.0
+
+
+# ---------------------------------------------------------------- emotion -------------------------------------------
+def confusion_matrix(pred, gold, num_classes, ignore_index=-1):
+    """(num_classes, num_classes) int64 counts, rows = gold, columns = predicted; gold == ignore_index is skipped."""
+    pred, gold = torch.as_tensor(pred).long().flatten().cpu(), torch.as_tensor(gold).long().flatten().cpu()
+    if pred.shape != gold.shape:
+        raise ValueError(f'pred has {pred.numel()} labels but gold has {gold.numel()}')
+    keep = gold != ignore_index
+    pred, gold = pred[keep], gold[keep]
+    for name, x in (('pred', pred), ('gold', gold)):
+        if x.numel() and (x.min() < 0 or x.max() >= num_classes):
+            raise ValueError(f'{name} labels must lie in [0, {num_classes}) (or be {ignore_index} in gold)')
+    return torch.bincount(gold * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def accuracy(pred, gold, ignore_index=-1):
+    """Fraction in [0, 1] of labelled samples (gold != ignore_index) predicted correctly; nan if none is labelled."""
+    pred, gold = torch.as_tensor(pred).flatten(), torch.as_tensor(gold).flatten()
+    keep = gold != ignore_index
+    return (pred[keep] == gold[keep]).double().mean().item() if keep.any() else float('nan')
+
+
+def macro_f1(pred, gold, num_classes, ignore_index=-1):
+    """Macro-F1 in [0, 1] over the classes present in gold or pred of the labelled samples.
+
+    Equals sklearn's `f1_score(gold, pred, average='macro', labels=present)`: a class that is never predicted (or
+    never true) gets F1 = 0 and still counts; classes absent from both are left out rather than counted as 0 or 1,
+    so the score does not depend on how many unused classes the label set has.
+    """
+    cm = confusion_matrix(pred, gold, num_classes, ignore_index).double()
+    tp, gold_count, pred_count = cm.diag(), cm.sum(1), cm.sum(0)
+    present = (gold_count + pred_count) > 0
+    if not present.any():
+        return float('nan')
+    # 2PR / (P + R) written with counts: 2TP / (2TP + FP + FN) = 2TP / (#gold + #pred), zero when TP is zero.
+    return (2 * tp[present] / (gold_count[present] + pred_count[present])).mean().item()
+
+
+def emotion_report(pred, gold, fine_to_coarse, ignore_index=-1):
+    """Accuracy and macro-F1 on the fine labels and on the coarse labels given by the table `fine_to_coarse`."""
+    pred, gold = torch.as_tensor(pred).long().flatten(), torch.as_tensor(gold).long().flatten()
+    table = torch.as_tensor(fine_to_coarse, dtype=torch.long)
+    num_fine, num_coarse = len(table), int(table.max()) + 1
+    keep = gold != ignore_index
+    coarse_pred, coarse_gold = table[pred[keep]], table[gold[keep]]
+    return {
+        'n': int(keep.sum()),
+        'fine_acc': accuracy(pred, gold, ignore_index),
+        'fine_macro_f1': macro_f1(pred, gold, num_fine, ignore_index),
+        'coarse_acc': accuracy(coarse_pred, coarse_gold),
+        'coarse_macro_f1': macro_f1(coarse_pred, coarse_gold, num_coarse),
+    }
+
+
+def plot_confusion_png(matrix, labels, path, cell=28):
+    """Write a confusion-matrix heat map (rows gold, columns predicted; colour = row-normalised share) as PNG."""
+    m = torch.as_tensor(matrix).double()
+    k = len(labels)
+    if m.shape != (k, k):
+        raise ValueError(f'matrix of shape {tuple(m.shape)} does not match {k} labels')
+    # Row-normalised colours: with skewed labels raw counts would leave every rare class white.
+    share = m / m.sum(1, keepdim=True).clamp(min=1)
+    font = ImageFont.load_default(size=max(cell // 2, 8))
+    small = ImageFont.load_default(size=max(cell // 3, 6))
+    label_w = max(int(font.getlength(s)) for s in labels) + cell // 2
+    left, top = label_w + cell, label_w + cell  # room for the labels plus the axis titles
+    img = Image.new('RGB', (left + k * cell + cell // 2, top + k * cell + cell // 2), 'white')
+    draw = ImageDraw.Draw(img)
+    for i in range(k):
+        for j in range(k):
+            v = float(share[i, j])
+            colour = tuple(int(round(255 + v * (c - 255))) for c in (8, 48, 107))  # white -> dark blue
+            x, y = left + j * cell, top + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(220, 220, 220))
+            if m[i, j] > 0:
+                draw.text((x + cell // 2, y + cell // 2), str(int(m[i, j])), anchor='mm', font=small,
+                          fill='white' if v > 0.5 else 'black')
+        draw.text((left - cell // 4, top + i * cell + cell // 2), labels[i], anchor='rm', font=font, fill='black')
+    # Column labels: drawn left-aligned on a horizontal strip, turned 90 degrees counter-clockwise so that each one
+    # starts at the grid and reads upwards (row j of the strip becomes column j).
+    strip = Image.new('RGB', (label_w, k * cell), 'white')
+    strip_draw = ImageDraw.Draw(strip)
+    for j, name in enumerate(labels):
+        strip_draw.text((cell // 4, j * cell + cell // 2), name, anchor='lm', font=font, fill='black')
+    img.paste(strip.rotate(90, expand=True), (left, cell))
+    draw.text((left + k * cell // 2, cell // 2), 'predicted', anchor='mm', font=font, fill='black')
+    draw.text((cell // 2, top - cell // 2), 'gold', anchor='lm', font=font, fill='black')
+    img.save(path, format='PNG')
+
+
+# ---------------------------------------------------------------- FID -----------------------------------------------
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FID_EPS):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, as the reference FID code computes it.
+
+    If sqrtm reports the product singular (or returns non-finite values), both covariances get `eps` on the
+    diagonal; the real part of the square root is kept and a large imaginary part is an error.
+    """
+    mu1, mu2 = (np.asarray(torch.as_tensor(m).cpu(), dtype=np.float64) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.asarray(torch.as_tensor(s).cpu(), dtype=np.float64) for s in (sigma1, sigma2))
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', linalg.LinAlgWarning)
+        try:
+            covmean = linalg.sqrtm(sigma1 @ sigma2)
+            singular = not np.isfinite(covmean).all()
+        except linalg.LinAlgWarning:
+            singular = True
+    if singular:
+        logger.warning('FID: sigma1 @ sigma2 is singular; adding %g to the diagonals (use more samples)', eps)
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):  # the reference code's tolerance
+            raise ValueError(f'FID: sqrtm has an imaginary component of {np.abs(covmean.imag).max():g}')
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+class FeatureStats:
+    """Streaming float64 mean / covariance of feature vectors; sums only, so shards merge exactly."""
+
+    def __init__(self, dim, device='cpu'):
+        self.n = torch.zeros((), dtype=torch.int64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, feats):
+        """Add a (N, dim) batch of features."""
+        x = torch.as_tensor(feats).to(self.sum.device, torch.float64).flatten(1)
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+
+    def merge(self, other):
+        """Add another shard's sums into this one (in place) and return self."""
+        self.n += other.n.to(self.n.device)
+        self.sum += other.sum.to(self.sum.device)
+        self.outer += other.outer.to(self.outer.device)
+        return self
+
+    def state_dict(self):
+        """The sufficient statistics as tensors (for saving or cross-process gathering)."""
+        return {'n': self.n, 'sum': self.sum, 'outer': self.outer}
+
+    def gather(self, accelerator):
+        """Sum the statistics of all processes (every process gets the total) with `accelerator.gather`."""
+        # Gather-then-sum in rank order gives every process the same, order-fixed total.
+        for name, value in self.state_dict().items():
+            setattr(self, name, accelerator.gather(value.unsqueeze(0)).sum(0))
+        return self
+
+    def mean_cov(self):
+        """Mean (dim,) and unbiased covariance (dim, dim) as float64 numpy arrays, like np.cov(rowvar=False)."""
+        n = int(self.n)
+        if n < 2:
+            raise ValueError(f'FID needs at least 2 feature vectors, got {n}')
+        mu = self.sum / n
+        cov = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu().numpy(), cov.cpu().numpy()
+
+
+def fid_from_features(feats_a, feats_b):
+    """FID between two (N, D) feature sets."""
+    stats = []
+    for feats in (feats_a, feats_b):
+        s = FeatureStats(torch.as_tensor(feats).shape[1])
+        s.update(feats)
+        stats.append(s.mean_cov())
+    return frechet_distance(*stats[0], *stats[1])
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images (N, 3, H, W) -> (N, 2048) Inception-v3 pool features; the wrapped net resizes to 299 itself."""
+
+    def __init__(self, net, returns_tuple):
+        super().__init__()
+        self.net, self.returns_tuple = net.eval(), returns_tuple
+
+    @torch.no_grad()
+    def forward(self, images):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f'expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}')
+        # torch-fidelity returns one tensor per requested layer; the NVlabs TorchScript takes `return_features`.
+        feats = self.net(images)[0] if self.returns_tuple else self.net(images, return_features=True)
+        if feats.shape != (images.shape[0], INCEPTION_POOL_DIM):
+            raise UserError(f'the Inception network returned {tuple(feats.shape)}, not (N, {INCEPTION_POOL_DIM}) '
+                            'pool features: it is not the standard FID network')
+        return feats
+
+
+def load_inception(path=None):
+    """The standard FID Inception-v3 as `InceptionFeatures`: a TorchScript file or torch-fidelity; never a substitute.
+
+    Tried in order: a TorchScript file at `path`, or if no path is given at
+    `$TORCH_HOME/hub/checkpoints/inception-2015-12-05.pt` (torch.hub's cache, default ~/.cache/torch); then
+    torch-fidelity's `FeatureExtractorInceptionV3` (if it imports), with the state dict at `path` if given, else its
+    own weights from (or downloaded into) the same cache.
+    """
+    tried = []
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', INCEPTION_TORCHSCRIPT)
+    file = path or cached
+    if not os.path.isfile(file):
+        tried.append(f'{file} (no such file)')
+    else:
+        try:
+            net = torch.jit.load(file, map_location='cpu')
+        except RuntimeError as e:  # not a TorchScript archive: maybe torch-fidelity's state dict, tried below
+            tried.append(f'{file} (not TorchScript: {str(e).splitlines()[0]})')
+        else:
+            logger.info('FID: Inception-v3 TorchScript from %s', file)
+            return InceptionFeatures(net, returns_tuple=False)
+    try:
+        # Importing torch-fidelity also imports torchvision, which raises RuntimeError when its CUDA ops don't load.
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except (ImportError, RuntimeError) as e:
+        tried.append(f'torch-fidelity ({type(e).__name__}: {e})')
+    else:
+        try:
+            net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'], feature_extractor_weights_path=path)
+            logger.info('FID: Inception-v3 from torch-fidelity (weights %s)', path or 'torch.hub cache')
+            return InceptionFeatures(net, returns_tuple=True)
+        except (OSError, RuntimeError) as e:  # URLError (offline) is an OSError; a bad state dict a RuntimeError
+            tried.append(f'torch-fidelity ({type(e).__name__}: {e})')
+    raise UserError('no FID Inception-v3 network found. Tried:\n  ' + '\n  '.join(tried) + '\nPlace the TorchScript '
+                    f'{INCEPTION_TORCHSCRIPT} (as distributed by NVlabs / clean-fid) at {cached} or pass its path, '
+                    'install the optional GPU extra (torch-fidelity) with its weights cached, or run with --skip_fid.')

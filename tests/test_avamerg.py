@@ -1,0 +1,295 @@
+"""AvaMERG reader, labels, middle-frame extraction and the synthetic generator, checked against the JSON itself."""
+import collections
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from libs import avamerg
+from libs.avamerg import (COARSE_7, EMOTIONS_32, FINE_TO_COARSE, FREE_FORM_TO_FINE, AvaMERG, coarse_index, iter_pairs,
+                          label_index, media_stem, parse_stem, read_dialogues, truncate_left)
+from libs.errors import UserError
+from libs.synthetic import (EXPRESSIONS, RESPONSE_EXPRESSION, RESPONSES, UNKNOWN_WORDS, expression_of, make_dataset,
+                            render_face)
+from libs.video_frames import VideoError, middle_frame, write_clip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 64  # small faces keep the tests fast; the layout does not depend on the size
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    """A small synthetic dataset with frames for both splits."""
+    root = str(tmp_path_factory.mktemp('syn'))
+    return root, make_dataset(root, seed=3, dialogues=12, test_dialogues=4, size=SIZE)
+
+
+def _expected_label(word):
+    """Reference label, computed from the tables directly rather than through label_index."""
+    word = word.strip().lower()
+    fine = word if word in EMOTIONS_32 else FREE_FORM_TO_FINE.get(word)
+    return -1 if fine is None else EMOTIONS_32.index(fine)
+
+
+def _dialogue(cid, emotions, speaker_id=7, listener_id=8):
+    """A hand-built dialogue with one turn per emotion word, in the AvaMERG schema."""
+    profile = {'age': 'young', 'gender': 'female', 'timbre': 'mid'}
+    utterances = [' '.join(['utterance', str(i)] + ['word'] * i) for i in range(2 * len(emotions))]
+    turns = [{'turn_id': str(k), 'context': utterances[0],
+              'dialogue_history': [{'index': i, 'role': ('speaker', 'listener')[i % 2], 'utterance': utterances[i]}
+                                   for i in range(2 * k + 1)],
+              'response': utterances[2 * k + 1],
+              'chain_of_empathy': {'speaker_emotion': e, 'event_scenario': '', 'emotion_cause': '',
+                                   'goal_to_response': ''}} for k, e in enumerate(emotions)]
+    return {'conversation_id': cid, 'speaker_profile': {**profile, 'ID': speaker_id},
+            'listener_profile': {**profile, 'ID': listener_id}, 'topic': 'Family', 'turns': turns}
+
+
+def _write(root, dialogues, frames=True):
+    """Write train.json and (optionally) a tiny PNG for every utterance of hand-built dialogues."""
+    os.makedirs(os.path.join(root, 'image_v5_0'), exist_ok=True)
+    with open(os.path.join(root, 'train.json'), 'w') as f:
+        json.dump(dialogues, f)
+    for d in dialogues if frames else ():
+        for i in range(2 * len(d['turns'])):
+            avatar = d[('speaker_profile', 'listener_profile')[i % 2]]['ID']
+            Image.new('RGB', (8, 8), (i, 0, 0)).save(os.path.join(root, 'image_v5_0',
+                                                                  f"dia{d['conversation_id']}utt{i}_{avatar}.png"))
+
+
+def test_label_tables():
+    assert list(EMOTIONS_32) == sorted(EMOTIONS_32) and len(set(EMOTIONS_32)) == 32
+    assert COARSE_7 == ('happy', 'surprised', 'angry', 'fear', 'sad', 'disgusted', 'contempt')
+    assert sorted(FINE_TO_COARSE) == list(EMOTIONS_32)
+    sizes = collections.Counter(FINE_TO_COARSE.values())
+    assert sizes == {'happy': 12, 'sad': 9, 'angry': 3, 'surprised': 3, 'fear': 3, 'disgusted': 1, 'contempt': 1}
+    assert set(FREE_FORM_TO_FINE.values()) <= set(EMOTIONS_32) and not set(FREE_FORM_TO_FINE) & set(EMOTIONS_32)
+    assert not set(UNKNOWN_WORDS) & (set(FREE_FORM_TO_FINE) | set(EMOTIONS_32))
+    unknown = collections.Counter()
+    assert label_index(' Anxious ', unknown) == 4
+    assert label_index('FRUSTRATED', unknown) == EMOTIONS_32.index('sad') == 27
+    assert label_index('overwhelmed', unknown) == label_index('stressed') == 4
+    assert label_index('Tired', unknown) == -1 and label_index('tired', unknown) == -1
+    assert unknown == {'tired': 2}
+    assert coarse_index(label_index('jealous')) == 6 and coarse_index(label_index('devastated')) == 1
+    assert coarse_index(-1) == -1
+
+
+def test_stems_parse_with_any_number_of_digits():
+    assert media_stem('00001', 12, 7) == 'dia00001utt12_7'
+    assert parse_stem('dia00001utt12_7') == ('00001', 12, 7)
+    assert parse_stem('dia65020utt1_45') == ('65020', 1, 45)
+    for bad in ('dia6502utt1', 'dia65020utt1_45.png', 'x65020utt1_45'):
+        with pytest.raises(UserError, match='media stem'):
+            parse_stem(bad)
+
+
+def test_reader_matches_json(synthetic):
+    root, splits = synthetic
+    for split, folder in (('train', root), ('test', os.path.join(root, 'test'))):
+        data = AvaMERG(root, split)
+        with open(os.path.join(folder, f'{split}.json')) as f:
+            raw = json.load(f)
+        assert data.frame_root == os.path.join(folder, 'image_v5_0')
+        assert len(data) == sum(len(d['turns']) for d in raw) and not data.skipped
+        expected = []
+        for d in raw:
+            sid, lid = d['speaker_profile']['ID'], d['listener_profile']['ID']
+            for k, turn in enumerate(d['turns']):
+                history = turn['dialogue_history']
+                assert [h['index'] for h in history] == list(range(2 * k + 1))
+                if k + 1 < len(d['turns']):  # the reply reappears in the next turn's history
+                    assert d['turns'][k + 1]['dialogue_history'][2 * k + 1]['utterance'] == turn['response']
+                word = turn['chain_of_empathy']['speaker_emotion']
+                expected.append((f"dia{d['conversation_id']}utt{2 * k}_{sid}",
+                                 f"dia{d['conversation_id']}utt{2 * k + 1}_{lid}", history[2 * k]['utterance'],
+                                 turn['response'], word, _expected_label(word)))
+        got = [(p.speaker_stem, p.response_stem, p.speaker_text, p.response_text, p.emotion, p.label)
+               for p in data.pairs]
+        assert got == expected
+        for pair in data.pairs:
+            if pair.label >= 0:
+                assert COARSE_7[pair.coarse_label] == FINE_TO_COARSE[EMOTIONS_32[pair.label]]
+            # The response text is predictable from the emotion: it comes from that reaction's templates.
+            assert any(pair.response_text.startswith(t) for t in RESPONSES[expression_of(pair.emotion, 'response')])
+            face = data.load_face(pair.response_stem)
+            assert face.mode == 'RGB' and face.size == (SIZE, SIZE)
+
+
+def test_summary_counts_and_atomic_save(synthetic, tmp_path):
+    root, splits = synthetic
+    data = AvaMERG(root, 'train')
+    words = [t['chain_of_empathy']['speaker_emotion'] for d in splits['train'] for t in d['turns']]
+    summary = data.summary()
+    assert summary['pairs'] == len(words)
+    assert summary['labels_32'] == {e: sum(_expected_label(w) == i for w in words) for i, e in enumerate(EMOTIONS_32)}
+    assert sum(summary['labels_7'].values()) + summary['unknown_label'] == len(words)
+    assert summary['unknown_emotions'] == dict(collections.Counter(w for w in words if _expected_label(w) < 0))
+    data.save_summary(str(tmp_path / 'summary.json'))
+    assert json.loads((tmp_path / 'summary.json').read_text()) == summary
+    assert os.listdir(tmp_path) == ['summary.json']  # no temporary file left behind
+
+
+def test_indices_from_ten_and_unknown_words(tmp_path):
+    emotions = ['anxious', 'Frustrated ', 'tired', 'bananas', 'tired', 'jealous']  # 6 turns: indices 0..11
+    _write(str(tmp_path), [_dialogue('12345', emotions)])
+    data = AvaMERG(str(tmp_path))
+    last = data.pairs[-1]
+    assert (last.speaker_stem, last.response_stem) == ('dia12345utt10_7', 'dia12345utt11_8')
+    assert parse_stem(last.speaker_stem) == ('12345', 10, 7) and parse_stem(last.response_stem)[1] == 11
+    assert last.speaker_text.startswith('utterance 10 ') and last.response_text.startswith('utterance 11 ')
+    assert [p.label for p in data.pairs] == [4, 27, -1, -1, -1, 21]
+    assert data.summary()['unknown_emotions'] == {'tired': 2, 'bananas': 1}
+
+
+def test_history_truncated_from_the_left():
+    dialogue = _dialogue('00042', ['sad', 'sad', 'sad'])  # utterance i has i + 2 words
+    history = [h['utterance'] for h in dialogue['turns'][2]['dialogue_history']]
+    pairs = list(iter_pairs([dialogue], speaker_text='history'))
+    assert pairs[2].speaker_text == ' | '.join(history) and pairs[2].history == history
+    # Utterances 3 and 4 take 5 + 1 (separator) + 6 = 12 words; adding utterance 2 would take 17.
+    for budget, kept in ((16, 3), (12, 3), (11, 4)):
+        pairs = list(iter_pairs([dialogue], speaker_text='history', history_tokens=budget))
+        assert pairs[2].speaker_text == ' | '.join(history[kept:]), budget
+    assert pairs[0].speaker_text == history[0]
+    # Newest utterance alone too long: its leading words go, its end stays.
+    assert truncate_left(history, 3) == 'word word word'
+    # A custom counter is honoured (characters here).
+    assert truncate_left(['abc', 'defgh'], 8, len) == 'defgh' and truncate_left(['abc', 'de'], 8, len) == 'abc | de'
+    with pytest.raises(UserError, match='speaker_text'):
+        list(iter_pairs([dialogue], speaker_text='all'))
+
+
+@pytest.mark.parametrize('corrupt, message', [
+    (lambda ds: ds[1]['turns'][0].pop('response'), r"dialogue 00002 \(#1\) turn 0: missing field 'response'"),
+    (lambda ds: ds[0]['speaker_profile'].update(ID='7'),
+     r"dialogue 00001 \(#0\) speaker_profile: field 'ID' must be int"),
+    (lambda ds: ds[1].pop('conversation_id'), r"dialogue #1: missing field 'conversation_id'"),
+    (lambda ds: ds[0]['turns'][1]['chain_of_empathy'].pop('speaker_emotion'), r"turn 1 chain_of_empathy: missing"),
+    (lambda ds: ds[0]['turns'][1]['dialogue_history'].pop(), r"turn 1: field 'dialogue_history' has 2 entries"),
+])
+def test_malformed_dialogue_names_file_dialogue_and_field(tmp_path, corrupt, message):
+    dialogues = [_dialogue('00001', ['sad', 'sad']), _dialogue('00002', ['sad'])]
+    corrupt(dialogues)
+    path = tmp_path / 'train.json'
+    path.write_text(json.dumps(dialogues))
+    with pytest.raises(UserError, match=message) as info:
+        read_dialogues(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_broken_json_and_missing_files(tmp_path):
+    path = tmp_path / 'train.json'
+    path.write_text('[{"conversation_id": "00001",')
+    with pytest.raises(UserError, match='not valid JSON'):
+        read_dialogues(str(path))
+    path.write_text('{"conversation_id": "00001"}')
+    with pytest.raises(UserError, match='expected a JSON list'):
+        read_dialogues(str(path))
+    with pytest.raises(UserError, match='no such file'):
+        read_dialogues(str(tmp_path / 'absent.json'))
+    with pytest.raises(UserError, match='no .image_v5_0. or .video_v5_0. folder'):
+        AvaMERG(str(tmp_path))
+    with pytest.raises(UserError, match='split'):
+        AvaMERG(str(tmp_path), split='valid')
+
+
+def test_bad_frames_are_counted_skips(synthetic, tmp_path):
+    root = str(tmp_path / 'copy')
+    shutil.copytree(synthetic[0], root)
+    pairs = AvaMERG(root).pairs
+    frames = os.path.join(root, 'image_v5_0')
+    with open(os.path.join(frames, pairs[0].speaker_stem + '.png'), 'wb') as f:
+        f.write(b'not a png')
+    with open(os.path.join(frames, pairs[1].response_stem + '.png'), 'r+b') as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    os.remove(os.path.join(frames, pairs[2].response_stem + '.png'))
+    data = AvaMERG(root)
+    assert dict(data.skipped) == {'unreadable_frame': 2, 'missing_frame': 1}
+    assert data.pairs == pairs[3:]
+
+
+def test_middle_frame_of_clips(tmp_path):
+    # Frame i is a flat grey of level 20 i, so the decoded level says which frame came back.
+    for n in (1, 2, 3, 10, 11):
+        path = str(tmp_path / f'clip{n}.mp4')
+        write_clip(path, [np.full((32, 32, 3), 20 * i, np.uint8) for i in range(n)], fps=25)
+        level = np.asarray(middle_frame(path), dtype=float).mean()
+        assert abs(level - 20 * (n // 2)) < 3, (n, level)
+    (tmp_path / 'bad.mp4').write_bytes(b'\x00' * 100)
+    with pytest.raises(VideoError, match='cannot decode'):
+        middle_frame(str(tmp_path / 'bad.mp4'))
+    with pytest.raises(VideoError, match='no such video'):
+        middle_frame(str(tmp_path / 'absent.mp4'))
+
+
+def test_videos_only_dataset_extracts_and_caches_middle_frames(tmp_path, monkeypatch):
+    videos, both = str(tmp_path / 'videos'), str(tmp_path / 'both')
+    make_dataset(videos, seed=5, dialogues=2, frames=False, videos=True, size=SIZE)
+    make_dataset(both, seed=5, dialogues=2, frames=True, videos=False, size=SIZE)
+    data = AvaMERG(videos)
+    assert not os.path.isdir(os.path.join(both, 'video_v5_0')) and len(data) == len(AvaMERG(both))
+    for pair in data.pairs:
+        for stem in (pair.speaker_stem, pair.response_stem):
+            cached = os.path.join(videos, 'image_v5_0', stem + '.png')
+            assert os.path.isfile(cached)
+            drawn = np.asarray(Image.open(os.path.join(both, 'image_v5_0', stem + '.png')), dtype=float)
+            # At this size the clip nods by one pixel per frame: its neighbours are the face moved up or down.
+            up, down = drawn.copy(), drawn.copy()
+            up[:-1], down[1:] = drawn[1:], drawn[:-1]
+            up[-1], down[0] = drawn[0, 0], drawn[0, 0]
+            decoded = np.asarray(data.load_face(stem), dtype=float)
+            error = np.abs(decoded - drawn).mean()
+            assert error < 5 and error < 0.6 * min(np.abs(decoded - up).mean(), np.abs(decoded - down).mean())
+    # Cached frames are reused: decoding again would fail the run.
+    monkeypatch.setattr(avamerg, 'middle_frame', lambda path: pytest.fail(f'decoded {path} again'))
+    assert AvaMERG(videos).pairs == data.pairs
+    # A missing and a corrupt clip (with no cached frame) are counted skips.
+    for stem in (data.pairs[0].speaker_stem, data.pairs[1].response_stem):
+        os.remove(os.path.join(videos, 'image_v5_0', stem + '.png'))
+    os.remove(os.path.join(videos, 'video_v5_0', data.pairs[0].speaker_stem + '.mp4'))
+    (tmp_path / 'videos' / 'video_v5_0' / (data.pairs[1].response_stem + '.mp4')).write_bytes(b'junk')
+    monkeypatch.undo()
+    assert dict(AvaMERG(videos).skipped) == {'missing_video': 1, 'unreadable_video': 1}
+
+
+def test_generator_is_deterministic(tmp_path):
+    for name, seed in (('a', 9), ('b', 9), ('c', 10)):
+        make_dataset(str(tmp_path / name), seed=seed, dialogues=3, test_dialogues=1, videos=True, size=SIZE)
+    trees = {name: {os.path.relpath(os.path.join(d, f), tmp_path / name): open(os.path.join(d, f), 'rb').read()
+                    for d, _, fs in os.walk(tmp_path / name) for f in fs} for name in 'ab'}
+    assert trees['a'] == trees['b']
+    assert 0 < sum(f.endswith('.mp4') for f in trees['a']) == sum(f.endswith('.png') for f in trees['a'])
+    assert (tmp_path / 'a' / 'train.json').read_bytes() != (tmp_path / 'c' / 'train.json').read_bytes()
+
+
+def test_faces_follow_identity_and_expression():
+    assert set(RESPONSE_EXPRESSION) == set(COARSE_7) and set(RESPONSE_EXPRESSION.values()) <= set(EXPRESSIONS)
+    assert expression_of('Frustrated') == 'sad' and expression_of('sad', 'response') == 'caring'
+    assert expression_of('furious', 'response') == 'calm' and expression_of('tired') == 'sad'
+    faces = {e: np.asarray(render_face(11, e, SIZE, random.Random(0)), dtype=int) for e in EXPRESSIONS}
+    for a in EXPRESSIONS:
+        for b in EXPRESSIONS:
+            assert a == b or np.abs(faces[a] - faces[b]).sum() > 0, (a, b)
+    assert np.array_equal(faces['sad'], np.asarray(render_face(11, 'sad', SIZE, random.Random(0)), dtype=int))
+    other = np.asarray(render_face(12, 'sad', SIZE, random.Random(0)), dtype=int)
+    assert np.abs(other - faces['sad']).sum() > 0
+
+
+def test_cli(tmp_path):
+    script = os.path.join(ROOT, 'scripts', 'make_synthetic_avamerg.py')
+    ok = subprocess.run([sys.executable, script, '--out', str(tmp_path / 'd'), '--seed', '1', '--dialogues', '2',
+                         '--test_dialogues', '1', '--size', str(SIZE)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    test_turns = read_dialogues(str(tmp_path / 'd' / 'test' / 'test.json'))[0]['turns']
+    assert len(AvaMERG(str(tmp_path / 'd'), 'test')) == len(test_turns)
+    bad = subprocess.run([sys.executable, script, '--out', str(tmp_path / 'e'), '--dialogues', '2', '--size', '31'],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and '--size must be an even number' in bad.stderr
+    assert not (tmp_path / 'e').exists()
