@@ -1,0 +1,169 @@
+"""From a config to loaded components, and between raw inputs/outputs and the network's three spaces.
+
+``sample_multi.py``, ``eval_avamerg.py`` and the training loop's periodic samples all go through ``generate``:
+encode the inputs, run one entry of ``libs.modes.MODES``, decode the outputs.
+"""
+import functools
+import logging
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from PIL import Image
+
+from libs import modes
+from libs.diffusion import NoiseScheduleVP, get_sampler, stable_diffusion_betas
+from libs.errors import UserError
+from libs.uvit import UViT, build_nnet, load_nnet_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """The loaded networks; encoders that a run does not need stay None."""
+    config: object
+    device: torch.device
+    nnet: UViT
+    autoencoder: Optional[torch.nn.Module] = None
+    clip_text: Optional[object] = None
+    clip_img: Optional[object] = None
+    caption_decoder: Optional[torch.nn.Module] = None
+
+    @property
+    def resolution(self) -> int:
+        """Pixel resolution of the images the latents decode to (latent size x the VAE's downsampling)."""
+        return self.config.z_shape[-1] * 2 ** (len(self.config.autoencoder.block_out_channels) - 1)
+
+
+def load_components(config, device, nnet_path=None, need_images=True, need_text=True) -> Components:
+    """Build every network from the config and load its weights (each loader fails loudly on missing files)."""
+    from libs.autoencoder import load_autoencoder
+    from libs.caption_decoder import load_caption_decoder
+    from libs.clip_encoders import CLIPImageEncoder, CLIPTextEncoder
+
+    nnet = build_nnet(config.nnet)
+    load_nnet_weights(nnet, nnet_path or config.nnet_path, logger)
+    comp = Components(config, device, nnet.to(device).eval().requires_grad_(False))
+    cd = config.caption_decoder
+    comp.caption_decoder = load_caption_decoder(cd.pretrained_path, cd.tokenizer, cd.local_files_only, config=cd,
+                                                device=device)
+    if need_text:
+        comp.clip_text = CLIPTextEncoder(config.clip_text.name_or_path, config.clip_text.local_files_only,
+                                         device=device)
+        if comp.clip_text.max_length != config.num_text_tokens:
+            raise UserError(f'the text encoder {config.clip_text.name_or_path} has {comp.clip_text.max_length} '
+                            f'positions but config.num_text_tokens={config.num_text_tokens}')
+    if need_images:
+        comp.autoencoder = load_autoencoder(config.autoencoder.pretrained_path, config.autoencoder, device=device)
+        comp.clip_img = CLIPImageEncoder(config.clip_img.name_or_path, config.clip_img.local_files_only,
+                                         device=device)
+    return comp
+
+
+def make_context(comp: Components, generator: torch.Generator) -> modes.Context:
+    """The sampling context of ``libs.modes`` from the config's ``sample`` section."""
+    config = comp.config
+    betas = stable_diffusion_betas()
+    autocast = torch.bfloat16 if comp.device.type == 'cuda' and config.mixed_precision == 'bf16' else None
+    ctx = modes.Context(
+        nnet=comp.nnet,
+        sampler=functools.partial(get_sampler(config.sample.sampler), skip_type=config.sample.skip_type), schedule=NoiseScheduleVP(betas), N=len(betas),
+        steps=config.sample.sample_steps, scale=config.sample.scale, z_shape=tuple(config.z_shape),
+        clip_img_dim=config.clip_img_dim, text_shape=(config.num_text_tokens, config.text_dim),
+        data_type=config.data_type if comp.nnet.use_data_type else None, t2i_cfg_mode=config.sample.t2i_cfg_mode,
+        generator=generator, device=comp.device, autocast_dtype=autocast)
+    if ctx.t2i_cfg_mode not in ('true_uncond', 'empty_token'):
+        raise UserError(f'config.sample.t2i_cfg_mode={ctx.t2i_cfg_mode!r}: use true_uncond or empty_token')
+    if ctx.t2i_cfg_mode == 'empty_token' and comp.clip_text is not None:
+        ctx.empty_text = encode_prompts(comp, [''])
+    return ctx
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs -> network spaces
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(comp: Components, prompts: List[str]) -> torch.Tensor:
+    """Prompts -> (B, T, Dt): CLIP text hidden states reduced by the caption decoder's ``encode_prefix``."""
+    hidden = comp.clip_text.encode(prompts).to(comp.device)
+    return comp.caption_decoder.encode_prefix(hidden.float())
+
+
+@torch.no_grad()
+def encode_images(comp: Components, images: List[Image.Image], generator=None):
+    """Images -> VAE latents (B, C, h, w) sampled from the posterior and CLIP embeddings (B, 1, Dc)."""
+    from libs.autoencoder import center_crop_resize, to_tensor_m11
+    crops = [center_crop_resize(im, comp.resolution) for im in images]
+    pixels = torch.stack([to_tensor_m11(c) for c in crops]).to(comp.device)
+    z = comp.autoencoder.sample(comp.autoencoder.encode_moments(pixels), generator=generator)
+    return z, comp.clip_img.encode(crops).to(comp.device).float()
+
+
+def speaker_condition(comp, ctx, B, image=None, prompt=None):
+    """The speaker turn as a condition cache; an absent modality is Gaussian noise at t = N."""
+    N, config = ctx.N, comp.config
+    cond = dict(img=ctx.randn(B, *ctx.z_shape), clip_img=ctx.randn(B, 1, ctx.clip_img_dim),
+                text=ctx.randn(B, *ctx.text_shape), t_img=modes.full(ctx, B, N), t_text=modes.full(ctx, B, N))
+    if image is not None:
+        z, clip_img = encode_images(comp, [image], generator=ctx.generator)
+        cond.update(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1), t_img=modes.full(ctx, B, 0))
+    if prompt is not None:
+        cond.update(text=encode_prompts(comp, [prompt]).expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
+    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
+                                         enabled=ctx.autocast_dtype is not None):
+        return comp.nnet.encode_condition(cond)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Network spaces -> outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode_images(comp: Components, z: torch.Tensor) -> List[Image.Image]:
+    """Latents -> PIL images."""
+    from libs.autoencoder import to_pil
+    return to_pil(comp.autoencoder.decode(z))
+
+
+@torch.no_grad()
+def decode_texts(comp: Components, text: torch.Tensor, beam_size: int = 5) -> List[str]:
+    """Reduced text features -> strings through the caption decoder's batched beam search."""
+    return comp.caption_decoder.generate_captions(text.float(), beam_size=beam_size)
+
+
+def top_emotions(probs: torch.Tensor, names: List[str], k: int = 3):
+    """(B, classes) probabilities -> per sample the top-k [(label, probability)]."""
+    values, idx = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[(names[i], round(float(v), 4)) for v, i in zip(vs, ids)] for vs, ids in zip(values, idx)]
+
+
+def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, prompt=None, image=None):
+    """Run one sampling mode end to end: raw inputs -> decoded images, texts and emotions."""
+    fn = modes.get_mode(mode)
+    inputs = dict(n=n_samples)
+    conditional = comp.nnet.condition
+    if mode in modes.EMPATH_MODES:
+        if not conditional:
+            raise UserError(f'mode {mode} needs an EmpathDiffuser network (nnet.name=uvit_empath)')
+        inputs['speaker'] = speaker_condition(comp, ctx, n_samples, image, prompt)
+        inputs['speaker_absent'] = speaker_condition(comp, ctx, n_samples)
+    else:
+        if conditional:  # a fine-tuned network without a speaker turn is a plain UniDiffuser
+            inputs['speaker'] = speaker_condition(comp, ctx, n_samples)
+        if prompt is not None:
+            inputs['text'] = encode_prompts(comp, [prompt]).expand(n_samples, -1, -1)
+        if image is not None:
+            z, clip_img = encode_images(comp, [image], generator=ctx.generator)
+            inputs.update(z=z.expand(n_samples, -1, -1, -1), clip_img=clip_img.expand(n_samples, -1, -1))
+    out = fn(ctx, inputs)
+    result = {}
+    if 'z' in out and mode not in ('i2t', 't2i2t'):
+        result['images'] = decode_images(comp, out['z'])
+    if 'text' in out and mode not in ('t2i', 'i2t2i'):
+        result['texts'] = decode_texts(comp, out['text'])
+    if 'emotion' in out:
+        from libs.avamerg import EMOTIONS_32
+        result['emotions'] = top_emotions(out['emotion'], list(EMOTIONS_32))
+    return result

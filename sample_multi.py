@@ -1,0 +1,148 @@
+"""Sample UniDiffuser / EmpathDiffuser in any mode.
+
+    python sample_multi.py --mode=t2i --prompt="an elephant under the sea" --n_samples=4
+    python sample_multi.py --mode=empath --img=speaker.png --prompt="I lost my job today." \
+        --config=configs/avamerg_empath.py --nnet_path=workdir/run/nnet_ema.safetensors
+
+Outputs go to ``<output_path>/<mode>/``: ``<i>.png`` and ``grid.png`` for images, ``<mode>.txt`` (``prompts.txt``
+in joint mode) for texts, and ``samples.json`` with the inputs, settings, seed, outputs, time and memory. The folder
+is assembled aside and moved into place only when complete, so a failed run never leaves half an output.
+"""
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
+
+from libs import modes
+from libs.errors import UserError
+from libs.io import atomic_replace_dir
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/sample_unidiffuser_v1.py', 'Sampling configuration.',
+                                lock_config=False)
+flags.DEFINE_string('mode', None, 'one of: ' + ', '.join(modes.MODES))
+flags.DEFINE_string('prompt', None, 'the prompt (t2i, t2i2t) or the speaker utterance (empath modes)')
+flags.DEFINE_string('img', None, 'the image (i2t, i2t2i) or the speaker face (empath modes)')
+flags.DEFINE_integer('n_samples', 1, 'number of samples')
+flags.DEFINE_integer('nrow', 4, 'images per row of grid.png')
+flags.DEFINE_string('output_path', 'out', 'output folder; results go to <output_path>/<mode>/')
+flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors); default: config.nnet_path')
+
+
+def check_flags(mode, prompt, img, n_samples):
+    """Validate the command line before anything is loaded."""
+    modes.get_mode(mode)
+    if n_samples < 1:
+        raise UserError(f'--n_samples must be at least 1, got {n_samples}')
+    needs = modes.MODE_INPUTS[mode]
+    if 'prompt' in needs and not prompt:
+        raise UserError(f'mode {mode} needs --prompt')
+    if 'img' in needs and not img:
+        raise UserError(f'mode {mode} needs --img')
+    if 'speaker' in needs and not (img or prompt):
+        pass  # an empty speaker turn is allowed: the model then answers nobody in particular
+    if img and ('img' in needs or 'speaker' in needs):
+        return load_image(img)
+    return None
+
+
+def load_image(path):
+    """Open an RGB image, turning any failure into a clear message."""
+    if not os.path.isfile(path):
+        raise UserError(f'--img {path}: no such file')
+    try:
+        with Image.open(path) as im:
+            return im.convert('RGB')
+    except Exception as e:
+        raise UserError(f'--img {path}: not a readable image ({type(e).__name__}: {e})') from e
+
+
+def make_grid(images, nrow):
+    """Tile equally sized images row by row."""
+    w, h = images[0].size
+    cols = max(1, min(nrow, len(images)))
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new('RGB', (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def peak_memory_gb(device):
+    """Peak accelerator memory, or the process's peak resident memory on a CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def write_outputs(folder, mode, result, nrow, record):
+    """Write images, grid, texts and samples.json into folder."""
+    os.makedirs(folder, exist_ok=True)
+    images = result.get('images', [])
+    for i, im in enumerate(images):
+        im.save(os.path.join(folder, f'{i}.png'))
+    if images:
+        make_grid(images, nrow).save(os.path.join(folder, 'grid.png'))
+    if 'texts' in result:
+        name = 'prompts.txt' if mode == 'joint' else f'{mode}.txt'
+        with open(os.path.join(folder, name), 'w') as f:
+            f.write('\n'.join(result['texts']) + '\n')
+    record['outputs'] = dict(images=[f'{i}.png' for i in range(len(images))], texts=result.get('texts'),
+                             emotions=result.get('emotions'))
+    with open(os.path.join(folder, 'samples.json'), 'w') as f:
+        json.dump(record, f, indent=2)
+
+
+def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=None):
+    """Load the components, generate, and publish <output_path>/<mode>/ atomically. Returns the record."""
+    from libs import pipeline
+    image = check_flags(mode, prompt, img, n_samples)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    needs = modes.MODE_INPUTS[mode]
+    comp = pipeline.load_components(config, device, nnet_path)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    ctx = pipeline.make_context(comp, generator)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = pipeline.generate(comp, ctx, mode, n_samples, prompt=prompt if {'prompt', 'speaker'} & set(needs)
+                               else None, image=image)
+    seconds = time.perf_counter() - start
+    used = dict(prompt=prompt if {'prompt', 'speaker'} & set(needs) else None,
+                img=img if {'img', 'speaker'} & set(needs) else None)
+    record = dict(mode=mode, inputs=used, n_samples=n_samples, seed=config.seed,
+                  nnet_path=nnet_path or config.nnet_path, settings=config.sample.to_dict(),
+                  seconds_per_sample=seconds / n_samples, peak_memory_gb=round(peak_memory_gb(device), 3),
+                  device=str(device))
+    os.makedirs(output_path, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=output_path, prefix=f'.{mode}-')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual permissions
+    write_outputs(tmp, mode, result, nrow, record)
+    atomic_replace_dir(tmp, os.path.join(output_path, mode))
+    return record
+
+
+def main(argv):
+    del argv
+    try:
+        record = sample(FLAGS.config, FLAGS.mode, FLAGS.prompt, FLAGS.img, FLAGS.n_samples, FLAGS.nrow,
+                        FLAGS.output_path, FLAGS.nnet_path)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample, '
+          f'peak memory {record["peak_memory_gb"]:.2f} GB -> {os.path.join(FLAGS.output_path, FLAGS.mode)}')
+
+
+if __name__ == '__main__':
+    flags.mark_flag_as_required('mode')
+    app.run(main)

@@ -1,0 +1,33 @@
+"""Write tiny random components in the official layouts (models/tiny by default) for a first CPU run.
+
+    python scripts/make_tiny_models.py                     # models/tiny, UniDiffuser-v1 and EmpathDiffuser nets
+    python sample_multi.py --config=configs/sample_tiny.py --mode=joint
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('out', 'models/tiny', 'output folder')
+flags.DEFINE_integer('seed', 0, 'seed of the random weights')
+
+
+def main(argv):
+    del argv
+    import torch
+    from common import tiny
+    from libs.tiny_models import make_tiny_models, randomize_
+    from libs.uvit import build_nnet
+    paths = make_tiny_models(tiny(FLAGS.out), seed=FLAGS.seed)
+    # The EmpathDiffuser network shares every other component with the v1 one.
+    empath = tiny(FLAGS.out, condition=True)
+    torch.save(randomize_(build_nnet(empath.nnet), FLAGS.seed + 4).state_dict(), empath.nnet_path)
+    print('\n'.join(f'{k}: {v}' for k, v in dict(paths, nnet_empath=empath.nnet_path).items()))
+
+
+if __name__ == '__main__':
+    app.run(main)
