@@ -101,19 +101,28 @@ def encode_images(comp: Components, images: List[Image.Image], generator=None):
     return z, comp.clip_img.encode(crops).to(comp.device).float()
 
 
-def speaker_condition(comp, ctx, B, image=None, prompt=None):
-    """The speaker turn as a condition cache; an absent modality is Gaussian noise at t = N."""
-    N, config = ctx.N, comp.config
+def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None):
+    """Encoded speaker turn (batched, any part may be None) -> condition cache; absent = noise at t = N."""
+    N = ctx.N
     cond = dict(img=ctx.randn(B, *ctx.z_shape), clip_img=ctx.randn(B, 1, ctx.clip_img_dim),
                 text=ctx.randn(B, *ctx.text_shape), t_img=modes.full(ctx, B, N), t_text=modes.full(ctx, B, N))
-    if image is not None:
-        z, clip_img = encode_images(comp, [image], generator=ctx.generator)
+    if z is not None:
         cond.update(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1), t_img=modes.full(ctx, B, 0))
-    if prompt is not None:
-        cond.update(text=encode_prompts(comp, [prompt]).expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
+    if text is not None:
+        cond.update(text=text.expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
     with torch.no_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
                                          enabled=ctx.autocast_dtype is not None):
         return comp.nnet.encode_condition(cond)
+
+
+def encode_speaker(comp, ctx, B, image=None, prompt=None):
+    """A raw speaker turn (face and/or utterance) -> condition cache for B samples."""
+    z = clip_img = text = None
+    if image is not None:
+        z, clip_img = encode_images(comp, [image], generator=ctx.generator)
+    if prompt is not None:
+        text = encode_prompts(comp, [prompt])
+    return speaker_condition(comp, ctx, B, z, clip_img, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,7 +156,7 @@ def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, pr
     if mode in modes.EMPATH_MODES:
         if not conditional:
             raise UserError(f'mode {mode} needs an EmpathDiffuser network (nnet.name=uvit_empath)')
-        inputs['speaker'] = speaker_condition(comp, ctx, n_samples, image, prompt)
+        inputs['speaker'] = encode_speaker(comp, ctx, n_samples, image, prompt)
         inputs['speaker_absent'] = speaker_condition(comp, ctx, n_samples)
     else:
         if conditional:  # a fine-tuned network without a speaker turn is a plain UniDiffuser
