@@ -25,15 +25,20 @@ from libs.errors import UserError
 from libs.io import atomic_replace_dir
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/sample_unidiffuser_v1.py', 'Sampling configuration.',
-                                lock_config=False)
-flags.DEFINE_string('mode', None, 'one of: ' + ', '.join(modes.MODES))
-flags.DEFINE_string('prompt', None, 'the prompt (t2i, t2i2t) or the speaker utterance (empath modes)')
-flags.DEFINE_string('img', None, 'the image (i2t, i2t2i) or the speaker face (empath modes)')
-flags.DEFINE_integer('n_samples', 1, 'number of samples')
-flags.DEFINE_integer('nrow', 4, 'images per row of grid.png')
-flags.DEFINE_string('output_path', 'out', 'output folder; results go to <output_path>/<mode>/')
-flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors); default: config.nnet_path')
+
+
+def define_flags():
+    """The command line (defined only when run as a script, so importing this module defines no flags)."""
+    config_flags.DEFINE_config_file('config', 'configs/sample_unidiffuser_v1.py', 'Sampling configuration.',
+                                    lock_config=False)
+    flags.DEFINE_string('mode', None, 'one of: ' + ', '.join(modes.MODES))
+    flags.DEFINE_string('prompt', None, 'the prompt (t2i, t2i2t) or the speaker utterance (empath modes)')
+    flags.DEFINE_string('img', None, 'the image (i2t, i2t2i) or the speaker face (empath modes)')
+    flags.DEFINE_integer('n_samples', 1, 'number of samples')
+    flags.DEFINE_integer('nrow', 4, 'images per row of grid.png')
+    flags.DEFINE_string('output_path', 'out', 'output folder; results go to <output_path>/<mode>/')
+    flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors); default: config.nnet_path')
+    flags.mark_flag_as_required('mode')
 
 
 def check_flags(mode, prompt, img, n_samples):
@@ -144,5 +149,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    flags.mark_flag_as_required('mode')
+    define_flags()
     app.run(main)

@@ -37,8 +37,32 @@ def empath(config, features='features/avamerg_512'):
         sample_n=4,
     )
     config.optimizer = d(lr=2e-5, weight_decay=0.03, betas=(0.9, 0.99), eps=1e-8, warmup_steps=500)
-    config.data = d(train=f'{features}/train', val=f'{features}/test', shuffle_window=8, max_open_shards=8,
-                    num_workers=4)
+    config.data = d(
+        root='data/avamerg',                  # AvaMERG: train.json, test/test.json, image_v5_0/ or video_v5_0/
+        speaker_text='last',                  # 'last' speaker utterance, or the 'history' cut from the left to fit
+        shard_size=1024,                      # pairs per feature shard (extract_features.py)
+        batch_size=64,                        # pairs per encoder batch (extract_features.py)
+        train=f'{features}/train', val=f'{features}/test', shuffle_window=8, max_open_shards=8, num_workers=4)
+    # eval_avamerg.py: FID needs Inception-v3 pool features; a local TorchScript file, else the torch hub cache.
+    config.eval = d(inception_path='')
+    # train_caption_decoder.py: fine-tunes config.caption_decoder on the cache's utterances (ClipCap's AdamW and
+    # linear warm-up/decay) and writes <workdir>/<name>/<output>, to be used as caption_decoder.pretrained_path.
+    config.caption_decoder_train = d(
+        features='',                          # feature cache to read; '' = data.train
+        heldout_fraction=0.02,                # share of conversations held out (hash of the id) for round-trip BLEU
+        eval_utterances=1000,                 # at most this many held-out utterances are beam-searched
+        max_tokens=67,                        # utterance tokens incl. <|EOS|>: the official beam search's limit
+        train_encode_prefix=False,            # True moves the U-ViT's text space (see train_caption_decoder.py)
+        n_steps=5000,
+        batch_size=64,                        # per process
+        lr=2e-5,
+        weight_decay=0.,                      # ClipCap fine-tunes without weight decay
+        warmup_steps=500,
+        grad_clip=1.0,
+        log_every=50,
+        num_workers=4,
+        output='caption_decoder.pth',
+    )
     return config
 
 

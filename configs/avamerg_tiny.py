@@ -15,4 +15,6 @@ def get_config(root='models/tiny'):
                         val_every=50, val_pairs=32, ckpt_every=50, keep_last=2, sample_every=0, sample_n=2)
     config.optimizer.update(lr=1e-3, warmup_steps=10)
     config.data.update(num_workers=0, max_open_shards=2)
+    config.caption_decoder_train.update(heldout_fraction=0.25, eval_utterances=32, max_tokens=16, n_steps=300,
+                                        batch_size=16, lr=3e-3, warmup_steps=20, log_every=25, num_workers=0)
     return config

@@ -1,0 +1,374 @@
+"""Helpers of train_empath.py: the objective, model/optimizer construction, EMA, checkpoints and validation.
+
+Every random draw of a training pair (latent sampling noise, timesteps, speaker dropout, diffusion noise) comes from
+a generator seeded by (run seed, stream position of the pair). A pair therefore sees the same randomness however
+the global batch is split over processes and accumulation steps, which makes multi-process runs agree with a
+single process and makes resuming exact.
+"""
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from libs.avamerg import COARSE_7, EMOTIONS_32, FINE_TO_COARSE
+from libs.diffusion import mse_per_sample
+from libs.errors import UserError
+from libs.features import derive_seed
+from libs.uvit import build_nnet, load_nnet_weights
+
+logger = logging.getLogger(__name__)
+
+CKPT = re.compile(r'^(\d+)\.ckpt$')
+CKPT_FILES = ('nnet.safetensors', 'nnet_ema.safetensors', 'training_state.pt', 'config.json')
+DIVERGED_EXIT_CODE = 3  # train_empath.py's exit status when the non-finite guard stops a run (UserError: 2)
+LOSS_TERMS = ('img', 'clip', 'text', 'emotion')
+LOGVAR_RANGE = (-30., 20.)  # LDM's posterior clamps log-variance to this range before sampling
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after too many consecutive non-finite steps."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objective (DESIGN §2)
+# ----------------------------------------------------------------------------------------------------------------
+
+def sample_latent(moments: torch.Tensor, scale_factor: float, noise: torch.Tensor) -> torch.Tensor:
+    """VAE posterior sample from moments (B, 2C, h, w): scale · (mean + exp(½·clamp(logvar, −30, 20)) · noise).
+
+    The same maths as ``FrozenAutoencoderKL.sample`` (tested equal), without importing the VAE network's stack.
+    """
+    mean, logvar = moments.chunk(2, dim=1)
+    return scale_factor * (mean + torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE)) * noise)
+
+
+def draw_randomness(positions: Sequence[int], seed, domain: str, config, N: int, p_uncond: float) -> dict:
+    """Every random quantity of a batch, each pair's drawn from its own (domain, seed, position) generator."""
+    z, clip, text = tuple(config.z_shape), (1, config.clip_img_dim), (config.num_text_tokens, config.text_dim)
+    gaussians = (('speaker_latent', z), ('response_latent', z), ('eps_img', z), ('eps_clip', clip),
+                 ('eps_text', text), ('absent_img', z), ('absent_clip', clip), ('absent_text', text))
+    draws = []
+    for p in positions:
+        g = torch.Generator().manual_seed(derive_seed(domain, seed, int(p)))
+        t = torch.randint(1, N + 1, (2,), generator=g)
+        keep = torch.rand(2, generator=g) >= p_uncond
+        draws.append(dict(t_img=t[0], t_text=t[1], keep_img=keep[0], keep_text=keep[1],
+                          **{name: torch.randn(shape, generator=g) for name, shape in gaussians}))
+    return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
+
+
+def _where(keep: torch.Tensor, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per-sample choice between x and other by a (B,) mask."""
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, other)
+
+
+def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config):
+    """Per-pair losses (B,) of the conditional objective, and the emotion logits.
+
+    The speaker turn is clean (t = 0); its face (latent + CLIP embedding) and its text are each replaced by Gaussian
+    noise at t = N when dropped. The response face (latent and CLIP share t_img) and text (t_text) are noised
+    independently. loss = MSE(ε_img) + MSE(ε_clip) + MSE(ε_text) + λ·CE(emotion); the CE of an unlabelled pair
+    counts as 0, so every pair weighs the same and the loss is a plain per-pair mean under any batch split.
+    """
+    N, scale = schedule.N, config.autoencoder.scale_factor
+    z_speaker = sample_latent(batch['speaker_moments'], scale, rand['speaker_latent'])
+    z = sample_latent(batch['response_moments'], scale, rand['response_latent'])
+    with torch.no_grad():  # the caption decoder's encode_prefix is frozen
+        text_speaker = encode_text(batch['speaker_text'].float())
+        text = encode_text(batch['response_text'].float())
+    keep_img, keep_text = rand['keep_img'], rand['keep_text']
+    absent = torch.full_like(rand['t_img'], N)
+    cond = dict(img=_where(keep_img, z_speaker, rand['absent_img']),
+                clip_img=_where(keep_img, batch['speaker_clip_img'], rand['absent_clip']),
+                text=_where(keep_text, text_speaker, rand['absent_text']),
+                t_img=torch.where(keep_img, 0, absent), t_text=torch.where(keep_text, 0, absent))
+    t_img, t_text = rand['t_img'], rand['t_text']
+    _, z_t = schedule.add_noise(z, t_img, rand['eps_img'])
+    _, clip_t = schedule.add_noise(batch['response_clip_img'], t_img, rand['eps_clip'])
+    _, text_t = schedule.add_noise(text, t_text, rand['eps_text'])
+    data_type = torch.full_like(t_img, config.data_type)
+    eps_img, eps_clip, eps_text, logits = nnet(z_t, clip_t, text_t, t_img, t_text, data_type, cond=cond)
+    losses = dict(img=mse_per_sample(eps_img, rand['eps_img']), clip=mse_per_sample(eps_clip, rand['eps_clip']),
+                  text=mse_per_sample(eps_text, rand['eps_text']),
+                  emotion=F.cross_entropy(logits.float(), batch['label'], ignore_index=-1, reduction='none'))
+    losses['loss'] = losses['img'] + losses['clip'] + losses['text'] + config.train.emotion_weight * losses['emotion']
+    return losses, logits
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move the tensors of a collated batch to ``device`` (metadata lists stay)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, text reducer, optimizer, EMA
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_model(config) -> torch.nn.Module:
+    """The conditional U-ViT, initialised from ``train.init_from`` (new condition keys are logged) or from scratch."""
+    nnet = build_nnet(config.nnet)
+    if config.train.init_from:
+        load_nnet_weights(nnet, config.train.init_from, logger)
+        logger.info('initialised the U-ViT from %s', config.train.init_from)
+    else:
+        logger.info('training the U-ViT from scratch (train.init_from is empty)')
+    return nnet
+
+
+def load_text_reducer(config, device):
+    """The configured caption decoder (frozen); its ``encode_prefix`` maps CLIP text states to the U-ViT's text."""
+    from libs.caption_decoder import load_caption_decoder
+    cd = config.caption_decoder
+    decoder = load_caption_decoder(cd.pretrained_path, cd.tokenizer, cd.local_files_only, config=cd, device=device)
+    return decoder.requires_grad_(False)
+
+
+def make_optimizer(nnet, config):
+    """AdamW without weight decay on the model's ``no_weight_decay()`` parameters."""
+    opt, skip = config.optimizer, nnet.no_weight_decay()
+    named = [(n, p) for n, p in nnet.named_parameters() if p.requires_grad]
+    groups = [dict(params=[p for n, p in named if n not in skip], weight_decay=opt.weight_decay),
+              dict(params=[p for n, p in named if n in skip], weight_decay=0.)]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+def warmup(step: int, warmup_steps: int) -> float:
+    """Linear warm-up factor of the learning rate: (step + 1) / warmup_steps, then 1."""
+    return min(1., (step + 1) / warmup_steps) if warmup_steps > 0 else 1.
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) parameter."""
+    return t.full_tensor() if hasattr(t, 'full_tensor') else t
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
+    """ema ← rate · ema + (1 − rate) · model for parameters; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(_full(p).to(e.dtype), 1. - rate)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(_full(b))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: <run>/ckpts/<step>.ckpt/ written in a temp folder and renamed, so a listed folder is complete
+# ----------------------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """RNG states of torch (CPU and CUDA), numpy and python, as tensors and plain containers."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': {'kind': kind, 'key': torch.from_numpy(key.astype(np.int64)), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'gauss': float(gauss)},
+            'python': random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``."""
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    n = state['numpy']
+    np.random.set_state((n['kind'], n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    random.setstate(state['python'])
+
+
+def export_nnet(state_dict: Dict[str, torch.Tensor], path: str, config, step: int) -> None:
+    """Write a full U-ViT state dict as safetensors with the resolved config in its metadata."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, path,
+              metadata={'config': config.to_json(), 'step': str(step)})
+
+
+def load_exported_nnet(path: str):
+    """Rebuild a U-ViT from an exported ``nnet*.safetensors`` alone; returns (model, config dict)."""
+    try:
+        with safe_open(path, 'pt') as f:
+            config = json.loads(f.metadata()['config'])
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f'{path} is not a U-ViT exported by train_empath.py (no config metadata): {err}') from err
+    nnet = build_nnet(config['nnet'])
+    load_nnet_weights(nnet, path)
+    return nnet, config
+
+
+def checkpoints(run_dir: str) -> List[int]:
+    """Steps of the complete checkpoints of a run, ascending."""
+    folder = os.path.join(run_dir, 'ckpts')
+    if not os.path.isdir(folder):
+        return []
+    steps = [int(m[1]) for m in map(CKPT.match, os.listdir(folder)) if m]
+    return sorted(s for s in steps if all(os.path.isfile(os.path.join(folder, f'{s}.ckpt', f)) for f in CKPT_FILES))
+
+
+def remove_partial_checkpoints(run_dir: str) -> None:
+    """Delete temp folders left by a save that was interrupted."""
+    folder = os.path.join(run_dir, 'ckpts')
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith('.tmp-'):
+            logger.info('removing the unfinished checkpoint %s', name)
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler, state: dict, config) -> str:
+    """Write ``ckpts/<step>.ckpt`` atomically; every process must call it (state dicts are gathered collectively)."""
+    folder = os.path.join(run_dir, 'ckpts')
+    final, tmp = os.path.join(folder, f'{step}.ckpt'), os.path.join(folder, f'.tmp-{step}.ckpt')
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(nnet, options=options)
+    optim_sd = get_optimizer_state_dict(nnet, getattr(optimizer, 'optimizer', optimizer), options=options)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), os.path.join(tmp, f'rng-{accelerator.process_index}.pt'))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export_nnet(model_sd, os.path.join(tmp, 'nnet.safetensors'), config, step)
+        export_nnet(ema.state_dict(), os.path.join(tmp, 'nnet_ema.safetensors'), config, step)
+        torch.save(dict(state, step=step, optimizer=optim_sd, scheduler=scheduler.state_dict(),
+                        num_processes=accelerator.num_processes), os.path.join(tmp, 'training_state.pt'))
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            f.write(config.to_json(indent=2))
+        for name in os.listdir(tmp):  # on disk before the rename publishes the folder
+            with open(os.path.join(tmp, name), 'rb') as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):  # a re-run of the same step replaces the old folder
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
+    """Restore model, EMA, optimizer, scheduler and RNG states from a checkpoint folder; returns its state dict."""
+    state = torch.load(os.path.join(path, 'training_state.pt'), map_location='cpu', weights_only=True)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(nnet, load_file(os.path.join(path, 'nnet.safetensors')), options=options)
+    ema.load_state_dict(load_file(os.path.join(path, 'nnet_ema.safetensors'), device=str(accelerator.device)))
+    optimizer = getattr(optimizer, 'optimizer', optimizer)  # accelerate's wrapper -> the torch optimizer
+    set_optimizer_state_dict(nnet, optimizer, state.pop('optimizer'), options=options)
+    scheduler.load_state_dict(state.pop('scheduler'))
+    rng = os.path.join(path, f'rng-{accelerator.process_index}.pt')
+    if state['num_processes'] == accelerator.num_processes and os.path.isfile(rng):
+        set_rng_state(torch.load(rng, weights_only=True))
+    else:
+        logger.warning('%s was written by %d processes, this run has %d: global RNG streams restart (the data '
+                       'order and all per-pair randomness still continue exactly)', path, state['num_processes'],
+                       accelerator.num_processes)
+    return state
+
+
+def prune_checkpoints(run_dir: str, keep_last: int, best_step: Optional[int]) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the best one."""
+    steps = checkpoints(run_dir)
+    keep = set(steps[-keep_last:] if keep_last > 0 else []) | {best_step}
+    for s in steps:
+        if s not in keep:
+            shutil.rmtree(os.path.join(run_dir, 'ckpts', f'{s}.ckpt'))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+
+FINE_TO_COARSE_INDEX = [COARSE_7.index(FINE_TO_COARSE[e]) for e in EMOTIONS_32]
+
+
+@torch.no_grad()
+def evaluate(nets: dict, val_set, indices: Sequence[int], batch_size: int, accelerator, encode_text, schedule,
+             config) -> dict:
+    """Validation losses and emotion metrics of each net on fixed pairs with fixed noise and no speaker dropout.
+
+    Pairs are dealt out to processes round-robin (padded to equal counts) and the per-pair results gathered, so
+    the numbers do not depend on the number of processes.
+    """
+    from libs.metrics import emotion_report
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(indices[rank::world])
+    n_local = -(-len(indices) // world)
+    valid = torch.tensor([1] * len(mine) + [0] * (n_local - len(mine)), dtype=torch.bool)
+    mine += [indices[0]] * (n_local - len(mine))
+    results = {name: {k: [] for k in ('loss', *LOSS_TERMS, 'pred')} for name in nets}
+    labels = []
+    for s in range(0, n_local, batch_size):
+        chunk = mine[s:s + batch_size]
+        batch = to_device(torch.utils.data.default_collate([val_set[i] for i in chunk]), accelerator.device)
+        rand = to_device(draw_randomness(chunk, config.seed, 'val', config, schedule.N, 0.), accelerator.device)
+        labels.append(batch['label'])
+        for name, net in nets.items():
+            was_training = net.training
+            net.eval()
+            with accelerator.autocast():
+                losses, logits = training_losses(net, batch, rand, encode_text, schedule, config)
+            net.train(was_training)
+            for k in ('loss', *LOSS_TERMS):
+                results[name][k].append(losses[k].float())
+            results[name]['pred'].append(logits.argmax(-1))
+    valid = accelerator.gather(valid.to(accelerator.device)).cpu()
+    gold = accelerator.gather(torch.cat(labels)).cpu()[valid]
+    metrics = {}
+    for name, res in results.items():
+        gathered = {k: accelerator.gather(torch.cat(v)).cpu()[valid] for k, v in res.items()}
+        for k in ('loss', *LOSS_TERMS):
+            metrics[f'{name}/{k}'] = gathered[k].mean().item()
+        report = emotion_report(gathered['pred'], gold, FINE_TO_COARSE_INDEX)
+        metrics.update({f'{name}/emotion_{k}': v for k, v in report.items() if k != 'n'})
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Periodic samples through libs.pipeline (optional)
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_sampling(config, caption_decoder, device):
+    """Components for periodic samples, or None when sampling is off or libs.pipeline cannot be imported."""
+    if config.train.sample_every <= 0:
+        return None
+    try:
+        from libs import pipeline
+    except ImportError as err:
+        logger.info('periodic samples skipped: libs.pipeline is not importable (%s)', err)
+        return None
+    from libs.autoencoder import load_autoencoder
+    autoencoder = load_autoencoder(config.autoencoder.pretrained_path, config.autoencoder, device)
+    return pipeline.Components(config, device, nnet=None, autoencoder=autoencoder, caption_decoder=caption_decoder)
+
+
+@torch.no_grad()
+def write_samples(components, nnet, batch: dict, out_dir: str, seed: int) -> None:
+    """'empath' samples for fixed speaker turns of the validation cache: PNG faces plus samples.json."""
+    from libs import modes, pipeline
+    comp = dataclasses.replace(components, nnet=nnet)
+    device, config = comp.device, comp.config
+    ctx = pipeline.make_context(comp, torch.Generator(device).manual_seed(seed))
+    B = len(batch['label'])
+    z = sample_latent(batch['speaker_moments'], config.autoencoder.scale_factor, ctx.randn(B, *config.z_shape))
+    speaker = pipeline.speaker_condition(comp, ctx, B, z, batch['speaker_clip_img'],
+                                         comp.caption_decoder.encode_prefix(batch['speaker_text'].float()))
+    out = modes.get_mode('empath')(ctx, dict(speaker=speaker, speaker_absent=pipeline.speaker_condition(comp, ctx, B)))
+    images, texts = pipeline.decode_images(comp, out['z']), pipeline.decode_texts(comp, out['text'])
+    emotions = pipeline.top_emotions(out['emotion'], list(EMOTIONS_32))
+    os.makedirs(out_dir, exist_ok=True)
+    records = []
+    for i in range(B):
+        images[i].save(os.path.join(out_dir, f'{i:03d}.png'))
+        records.append(dict(speaker_stem=batch['speaker_stem'][i], speaker_text=batch['speaker_text_raw'][i],
+                            reference_response=batch['response_text_raw'][i], response=texts[i],
+                            emotion=batch['emotion'][i], predicted_emotions=emotions[i], image=f'{i:03d}.png'))
+    with open(os.path.join(out_dir, 'samples.json'), 'w', encoding='utf-8') as f:
+        json.dump(records, f, indent=2, ensure_ascii=False)
