@@ -9,6 +9,7 @@ one warm-up.
 """
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -52,6 +53,31 @@ def machine(device):
     if device.type == 'cuda':
         return f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}'
     return f'{platform.processor() or platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}'
+
+
+class EosOnlyTokenizer:
+    """Stands in for the GPT-2 tokenizer when timing beam search: only the stop token's id is needed."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab_size - 1  # <|EOS|> is the last id, as in the official vocabulary
+
+    def __len__(self):
+        return self.vocab_size
+
+
+def time_caption_decoding(config, device, batch, repeats):
+    """Seconds per caption of the batched beam search (5 beams, up to 67 tokens) on random weights."""
+    from libs.caption_decoder import CaptionDecoder
+    cd = config.caption_decoder.to_dict()
+    if cd['gpt2']['vocab_size'] <= 0:
+        cd['gpt2']['vocab_size'] = 300
+    decoder = CaptionDecoder(cd, EosOnlyTokenizer(cd['gpt2']['vocab_size'])).to(device).eval()
+    with torch.no_grad():
+        prefix = decoder.decode_prefix(torch.randn(batch, config.num_text_tokens, config.text_dim, device=device))
+        return timed(lambda: decoder.beam_search(prefix), device, repeats) / batch
 
 
 def main(argv):
@@ -108,9 +134,15 @@ def main(argv):
             seconds = timed(lambda: fn(ctx, inputs), device, FLAGS.repeats)
             rows.append((f'{mode}: per sample ({steps} steps, scale {ctx.scale:g}, batch {B})', seconds / B))
             rows.append((f'{mode}: per step', seconds / steps))
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else float('nan')
+    if not FLAGS.forward_only:
+        rows.append((f'caption decoding per sample (batch {B}, 5 beams, <= 67 tokens)',
+                     time_caption_decoding(config, device, B, FLAGS.repeats)))
+    if device.type == 'cuda':
+        peak = f'peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
+    else:
+        peak = f'peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB'
     print(f'\n{FLAGS.size} U-ViT ({sum(p.numel() for p in nnet.parameters()) / 1e6:.3f}M params, empath), '
-          f'{machine(device)}, {"bf16" if autocast else "fp32"}, peak GPU memory {peak:.2f} GiB\n')
+          f'{machine(device)}, {"bf16" if autocast else "fp32"}, {peak}\n')
     print('| measurement | seconds |\n|---|---|')
     for name, seconds in rows:
         print(f'| {name} | {seconds:.4f} |')
