@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from libs import modes
+from libs import modes, pipeline
 from libs.errors import UserError
 from libs.io import atomic_replace_dir
 
@@ -69,17 +69,6 @@ def load_image(path):
         raise UserError(f'--img {path}: not a readable image ({type(e).__name__}: {e})') from e
 
 
-def make_grid(images, nrow):
-    """Tile equally sized images row by row."""
-    w, h = images[0].size
-    cols = max(1, min(nrow, len(images)))
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new('RGB', (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def peak_memory_gb(device):
     """Peak accelerator memory, or the process's peak resident memory on a CPU."""
     if device.type == 'cuda':
@@ -94,7 +83,7 @@ def write_outputs(folder, mode, result, nrow, record):
     for i, im in enumerate(images):
         im.save(os.path.join(folder, f'{i}.png'))
     if images:
-        make_grid(images, nrow).save(os.path.join(folder, 'grid.png'))
+        pipeline.make_grid(images, nrow).save(os.path.join(folder, 'grid.png'))
     if 'texts' in result:
         name = 'prompts.txt' if mode == 'joint' else f'{mode}.txt'
         with open(os.path.join(folder, name), 'w') as f:
@@ -107,7 +96,6 @@ def write_outputs(folder, mode, result, nrow, record):
 
 def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=None):
     """Load the components, generate, and publish <output_path>/<mode>/ atomically. Returns the record."""
-    from libs import pipeline
     image = check_flags(mode, prompt, img, n_samples)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     needs = modes.MODE_INPUTS[mode]

@@ -142,6 +142,17 @@ def decode_texts(comp: Components, text: torch.Tensor, beam_size: int = 5) -> Li
     return comp.caption_decoder.generate_captions(text.float(), beam_size=beam_size)
 
 
+def make_grid(images: List[Image.Image], nrow: int) -> Image.Image:
+    """Tile equally sized images row by row."""
+    w, h = images[0].size
+    cols = max(1, min(nrow, len(images)))
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new('RGB', (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
 def top_emotions(probs: torch.Tensor, names: List[str], k: int = 3):
     """(B, classes) probabilities -> per sample the top-k [(label, probability)]."""
     values, idx = probs.topk(min(k, probs.shape[1]), dim=1)

@@ -351,7 +351,7 @@ def load_sampling(config, caption_decoder, device):
 
 @torch.no_grad()
 def write_samples(components, nnet, batch: dict, out_dir: str, seed: int) -> None:
-    """'empath' samples for fixed speaker turns of the validation cache: PNG faces plus samples.json."""
+    """'empath' samples for fixed speaker turns of the validation cache: PNG faces, grid.png, samples.json."""
     from libs import modes, pipeline
     comp = dataclasses.replace(components, nnet=nnet)
     device, config = comp.device, comp.config
@@ -372,3 +372,4 @@ def write_samples(components, nnet, batch: dict, out_dir: str, seed: int) -> Non
                             emotion=batch['emotion'][i], predicted_emotions=emotions[i], image=f'{i:03d}.png'))
     with open(os.path.join(out_dir, 'samples.json'), 'w', encoding='utf-8') as f:
         json.dump(records, f, indent=2, ensure_ascii=False)
+    pipeline.make_grid(images, nrow=len(images)).save(os.path.join(out_dir, 'grid.png'))

@@ -263,6 +263,7 @@ def test_checkpoint_alone_rebuilds_the_model_and_samples_were_written(learned_ru
     with open(os.path.join(run, 'samples', '0000250', 'samples.json')) as f:
         samples = json.load(f)
     assert len(samples) == config.train.sample_n and os.path.isfile(os.path.join(run, 'samples', '0000250', '000.png'))
+    assert os.path.isfile(os.path.join(run, 'samples', '0000250', 'grid.png'))
     assert {'response', 'predicted_emotions', 'speaker_text', 'reference_response'} <= set(samples[0])
 
 
