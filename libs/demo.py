@@ -44,6 +44,7 @@ class Stage:
     keys: Sequence[str] = ()        # dotted config keys whose values the outputs depend on
     deps: Sequence[str] = ()        # stages whose outputs it reads
     what: str = ''                  # one line for the console
+    derived: Callable = None        # config -> dict of further values the outputs depend on (e.g. the face size)
 
 
 def config_value(config, key: str):
@@ -70,6 +71,7 @@ def run_stages(stages: Sequence[Stage], config, out: str) -> Dict[str, dict]:
         folder = os.path.join(out, stage.name)
         # A dependency's marker carries the time it finished, so a rerun upstream invalidates this stage too.
         settings = dict(keys={k: config_value(config, k) for k in stage.keys},
+                        derived=stage.derived(config) if stage.derived else {},
                         deps={d: [markers[d]['fingerprint'], markers[d]['finished']] for d in stage.deps})
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         old = read_marker(folder)
@@ -95,16 +97,22 @@ def run_stages(stages: Sequence[Stage], config, out: str) -> Dict[str, dict]:
 # Faces
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_faces(paths: Sequence[str], resolution: int) -> torch.Tensor:
-    """PNG faces -> (N, 3, R, R) in [-1, 1], with the official centre crop and resize."""
+def load_png(path: str):
+    """An RGB PIL image read fully into memory."""
     from PIL import Image
+    with Image.open(path) as image:
+        return image.convert('RGB')
 
+
+def to_batch(images, resolution: int) -> torch.Tensor:
+    """PIL faces -> (N, 3, R, R) in [-1, 1], with the official centre crop and resize."""
     from libs.autoencoder import center_crop_resize, to_tensor_m11
-    faces = []
-    for path in paths:
-        with Image.open(path) as image:
-            faces.append(to_tensor_m11(center_crop_resize(image, resolution)))
-    return torch.stack(faces)
+    return torch.stack([to_tensor_m11(center_crop_resize(image, resolution)) for image in images])
+
+
+def load_faces(paths: Sequence[str], resolution: int) -> torch.Tensor:
+    """PNG faces -> (N, 3, R, R) in [-1, 1]."""
+    return to_batch([load_png(path) for path in paths], resolution)
 
 
 def face_paths(data_root: str, split: str) -> List[str]:
@@ -128,7 +136,7 @@ def build_components(config, corpus: Sequence[str], seed: int, caption_decoder_p
 
     from libs.caption_decoder import CaptionDecoder, build_tiny_gpt2_tokenizer, load_gpt2_tokenizer, \
         save_official_layout
-    from libs.clip_encoders import build_tiny_clip_tokenizer, build_tiny_clip_vision
+    from libs.clip_encoders import CLIPTextEncoder, build_tiny_clip_tokenizer, build_tiny_clip_vision
     sizes, cd, text_dir = config.demo.tokenizers, config.caption_decoder, config.clip_text.name_or_path
     tokenizer = CLIPTokenizer.from_pretrained(build_tiny_clip_tokenizer(text_dir, corpus, sizes.clip_merges,
                                                                         config.num_text_tokens))
@@ -143,10 +151,27 @@ def build_components(config, corpus: Sequence[str], seed: int, caption_decoder_p
         torch.manual_seed(seed)
         CLIPTextModel(text).save_pretrained(text_dir)
         torch.manual_seed(seed + 1)
-        save_official_layout(CaptionDecoder(cd, gpt2_tokenizer), caption_decoder_path)
+        decoder = CaptionDecoder(cd, gpt2_tokenizer)
+    unit_text_scale(decoder, CLIPTextEncoder(text_dir, local_files_only=True), corpus)
+    save_official_layout(decoder, caption_decoder_path)
     build_tiny_clip_vision(config.clip_img.name_or_path, image_size=image_size, projection_dim=config.clip_img_dim,
                            seed=seed + 2)
     return dict(clip_text_vocab=len(tokenizer), gpt2_vocab=len(gpt2_tokenizer))
+
+
+@torch.no_grad()
+def unit_text_scale(decoder, clip_text, corpus: Sequence[str], batch_size: int = 256) -> float:
+    """Scale the random ``encode_prefix`` so that the U-ViT's text features have unit std on `corpus`.
+
+    The text counterpart of normalise_latent_scale: a random Linear leaves the features at about half the std of
+    the image latents, which the same noise schedule would drown earlier. encode_prefix stays frozen while the
+    caption decoder trains, so the decoder learns to read the rescaled space. Returns the factor applied.
+    """
+    hidden = torch.cat([clip_text.encode(list(corpus[i:i + batch_size])) for i in range(0, len(corpus), batch_size)])
+    c = 1. / decoder.encode_prefix(hidden.float()).std().item()
+    decoder.encode_prefix.weight *= c
+    decoder.encode_prefix.bias *= c
+    return c
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +283,7 @@ def render_expressions(n: int, size: int, classes: Sequence[str], seed: int, blu
         label = rng.randrange(len(classes))
         face = render_face(rng.randint(1, MAX_AVATAR_ID), classes[label], size, rng)
         if blur and rng.random() < .5:
-            face = face.filter(ImageFilter.GaussianBlur(rng.uniform(.3, 1.)))
+            face = face.filter(ImageFilter.GaussianBlur(rng.uniform(.3, 1.5)))
         faces.append(to_tensor_m11(face))
         labels.append(label)
     return torch.stack(faces), torch.tensor(labels)
@@ -309,17 +334,37 @@ def majority_rates(records: Sequence[dict]) -> dict:
     return dict(fine_acc=fine, coarse_acc=coarse)
 
 
+def prescribed_expressions(records, classes) -> torch.Tensor:
+    """Class index of the response expression the synthetic rule prescribes for each evaluated pair."""
+    from libs.synthetic import expression_of
+    return torch.tensor([classes.index(expression_of(r['gold_emotion'], 'response')) for r in records])
+
+
 def expression_agreement(net, classes, eval_dir: str, resolution: int) -> dict:
     """Share of an evaluation's generated faces that the classifier reads as the prescribed response expression."""
-    from libs.synthetic import expression_of
     records = read_jsonl(os.path.join(eval_dir, 'pairs.jsonl'))
-    faces = load_faces([os.path.join(eval_dir, r['face']) for r in records], resolution)
-    prescribed = torch.tensor([classes.index(expression_of(r['gold_emotion'], 'response')) for r in records])
-    predicted = classify(net, faces)
+    prescribed = prescribed_expressions(records, classes)
+    predicted = classify(net, load_faces([os.path.join(eval_dir, r['face']) for r in records], resolution))
     return dict(agreement=(predicted == prescribed).double().mean().item(), n=len(records),
                 # String keys, as they read back from the stage marker's JSON.
                 predicted={str(r['index']): classes[p] for r, p in zip(records, predicted.tolist())},
                 prescribed_share=dict(collections.Counter(classes[p] for p in prescribed.tolist())))
+
+
+@torch.no_grad()
+def reference_agreement(net, classes, config, eval_dir: str, resolution: int) -> dict:
+    """The same reading of the evaluated pairs' reference faces and of their codec reconstructions: the ceilings."""
+    from libs.autoencoder import load_autoencoder
+    from libs.avamerg import AvaMERG
+    records = read_jsonl(os.path.join(eval_dir, 'pairs.jsonl'))
+    reader = AvaMERG(config.data.root, 'test')
+    faces = to_batch([reader.load_face(r['response_stem']) for r in records], resolution)
+    codec = load_autoencoder(config.autoencoder.pretrained_path, config.autoencoder)
+    mean = codec.encode_moments(faces).chunk(2, dim=1)[0]
+    reconstructed = codec.decode(codec.scale_factor * mean).clamp(-1, 1)
+    prescribed = prescribed_expressions(records, classes)
+    return {name: (classify(net, x) == prescribed).double().mean().item()
+            for name, x in (('reference_faces', faces), ('codec_reconstructions', reconstructed))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,8 +490,10 @@ def components_rows(config, markers) -> list:
          f'{count_params(cd.pretrained_path):,} parameters, byte-level BPE learned on the corpus; random '
          f'initialisation fine-tuned here on {caption["train_utterances"]} utterances (held-out round-trip '
          f'BLEU-4 {caption["bleu_before"]["bleu4"]:.1f} &rarr; {caption["bleu_after"]["bleu4"]:.1f}); '
-         'encode_prefix stays random and frozen', 'GPT-2 base (124M) trained by UniDiffuser on image captions'),
-        ('VAE', f'diffusers AutoencoderKL, channels {tuple(vae.block_out_channels)} (one 2x downsampling), '
+         'encode_prefix stays random (rescaled to unit feature std) and frozen',
+         'GPT-2 base (124M) trained by UniDiffuser on image captions'),
+        ('VAE', f'diffusers AutoencoderKL, channels {tuple(vae.block_out_channels)} '
+         f'({2 ** (len(vae.block_out_channels) - 1)}x downsampling), '
          f'{vae.latent_channels} latent channels, {codec["params"]:,} parameters, trained here for '
          f'{config.demo.codec.steps} steps on {codec["faces"]} synthetic faces (held-out PSNR '
          f'{codec["heldout_psnr"]:.1f} dB); saved in the LDM layout and read by the real loader',
@@ -489,13 +536,6 @@ def example_rows(config, out: str, markers) -> list:
     return rows
 
 
-def load_png(path: str):
-    """An RGB PIL image read fully into memory."""
-    from PIL import Image
-    with Image.open(path) as image:
-        return image.convert('RGB')
-
-
 def fmt(value) -> str:
     """A metric for a table cell."""
     return '&ndash;' if value is None else f'{value:.3f}' if isinstance(value, float) else str(value)
@@ -511,9 +551,9 @@ def write_report(out: str, config, markers: dict, schedule: str) -> dict:
     summary = dict(schedule=schedule, learning=numbers, fid=fid, evaluation=ev['settings'],
                    codec={k: v for k, v in markers['codec']['summary'].items() if k != 'curve'},
                    caption_decoder={k: markers['caption_decoder']['summary'][k] for k in ('bleu_before', 'bleu_after')},
-                   expression_classifier=dict(classes=markers['expression']['summary']['classes'],
-                                              heldout_rendered_acc=markers['expression']['summary'][
-                                                  'heldout_rendered_acc']),
+                   expression_classifier={k: markers['expression']['summary'][k] for k in (
+                                              'classes', 'heldout_rendered_acc', 'reference_faces',
+                                              'codec_reconstructions')},
                    stage_seconds={name: m['seconds'] for name, m in markers.items()})
     atomic_write_json(os.path.join(out, 'metrics.json'), summary)
 
@@ -545,19 +585,27 @@ def write_report(out: str, config, markers: dict, schedule: str) -> dict:
         confusion_tag = img_tag(confusion.convert('RGB'), 1)
     fid_text = (f'FID {fid["value"]:.2f} ({ev["settings"]["samples"]} faces)' if fid['computed'] else
                 f'FID not computed: {html.escape(fid["skipped_because"] or "")}')
+    ex = summary['expression_classifier']
+    expression_text = (f'The expression classifier ({", ".join(ex["classes"])}) reads the prescribed expression on '
+                       f'{ex["reference_faces"]:.3f} of the reference faces and on {ex["codec_reconstructions"]:.3f} '
+                       'of their codec reconstructions: what the generated faces could reach at best.')
     commands = [c for m in markers.values() for c in (m.get('summary') or {}).get('commands', [])]
     settings = ev['settings']
     sections = [
         ('What this is', '<p>The whole EmpathDiffuser pipeline on a <b>synthetic</b> AvaMERG: a speaker face and '
          'utterance in, a listener face and utterance out, plus the speaker\'s emotion. In the synthetic data the '
          'speaker\'s face and words follow the speaker\'s emotion, and the listener reacts with a prescribed '
-         'expression and a templated reply (libs/synthetic.py), so learning can be measured exactly. Every '
+         'expression and a templated reply (libs/synthetic.py), so learning can be measured exactly. The listener '
+         f'is one avatar (ID {", ".join(map(str, config.demo.listeners))}), as an empathetic agent would be, and each '
+         'of its expressions tints the complexion, so that the expression is still legible at 32 pixels after a '
+         'tiny codec; speakers are drawn from all avatars. Every '
          'component is small and local (list below): the numbers show that the pipeline learns, not how good the '
          f'real model is. Schedule: <b>{schedule}</b>; evaluation on {settings["samples"]} held-out pairs, '
          f'{settings["sample_steps"]} DPM-Solver++ steps, guidance scale {settings["guidance_scale"]}, seed '
          f'{settings["seed"]}.</p>'),
         ('Learning', table(('metric (held-out pairs)', 'trained', 'untrained', 'majority class', 'uniform chance'),
-                           metric_rows) + f'<p class="note">{fid_text}</p>' + confusion_tag),
+                           metric_rows) + f'<p class="note">{expression_text}</p><p class="note">{fid_text}</p>'
+         + confusion_tag),
         ('Examples', table(('speaker turn', 'EmpathDiffuser (trained)', 'untrained network', 'reference'),
                            example_rows(config, out, markers))),
         ('Curves', ''.join(charts)),

@@ -32,21 +32,23 @@ P_SAME_EMOTION, P_UNKNOWN_WORD, P_FREE_FORM = 0.5, 0.08, 0.3   # later turns onl
 
 # Face geometry: (mouth curve, mouth opening, mouth width, mouth skew, brow tilt, brow raise, brow asymmetry,
 # eye opening, face tint and its strength, cheek blush, tear, nose wrinkle), lengths as fractions of the image
-# size. Tilt > 0 pulls the inner brow ends down (anger); < 0 lifts them (sadness, fear).
+# size. Tilt > 0 pulls the inner brow ends down (anger); < 0 lifts them (sadness, fear). The listener's four
+# expressions each have their own complexion tint too: the mouth and brows span a pixel or two at the demo's 32x32,
+# and a cue that covers the face is what survives a tiny codec and a few minutes of CPU training.
 STYLE_FIELDS = ('curve', 'open', 'width', 'skew', 'tilt', 'lift', 'asym', 'eye', 'tint', 'alpha', 'blush', 'tear',
                 'wrinkle')
 Style = collections.namedtuple('Style', STYLE_FIELDS)
 STYLES = {
-    'happy': Style(.07, 0, .18, 0, 0, .015, 0, 1.0, None, 0, True, False, False),
+    'happy': Style(.07, 0, .18, 0, 0, .015, 0, 1.0, (255, 200, 60), .35, True, False, False),
     'surprised': Style(0, .09, .07, 0, 0, .05, 0, 1.6, None, 0, False, False, False),
     'angry': Style(-.03, 0, .14, 0, .05, -.02, 0, .8, (220, 40, 30), .3, False, False, False),
     'fear': Style(-.015, .045, .17, 0, -.035, .045, 0, 1.5, (120, 150, 255), .25, False, False, False),
     'sad': Style(-.06, 0, .14, 0, -.045, 0, 0, .55, (90, 110, 200), .15, False, True, False),
     'disgusted': Style(-.02, .015, .15, .03, .02, -.01, 0, .55, (90, 170, 60), .3, False, False, True),
     'contempt': Style(0, 0, .13, .05, 0, 0, .05, .7, None, 0, False, False, False),
-    'caring': Style(.03, 0, .12, 0, -.025, .015, 0, .85, None, 0, True, False, False),
-    'calm': Style(0, 0, .11, 0, 0, 0, 0, .5, None, 0, False, False, False),
-    'attentive': Style(.015, .025, .10, 0, 0, .035, 0, 1.2, None, 0, False, False, False),
+    'caring': Style(.03, 0, .12, 0, -.025, .015, 0, .85, (255, 110, 170), .35, True, False, False),
+    'calm': Style(0, 0, .11, 0, 0, 0, 0, .5, (110, 170, 255), .35, False, False, False),
+    'attentive': Style(.015, .025, .10, 0, 0, .035, 0, 1.2, (120, 220, 120), .35, False, False, False),
 }
 SKIN = ((255, 224, 196), (241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 58, 32))
 HAIR = ((20, 20, 20), (90, 56, 37), (180, 130, 70), (230, 200, 120), (160, 50, 30), (200, 200, 200))
@@ -201,9 +203,14 @@ def _turn_emotion(rng, k, previous):
     return word, fine, FINE_TO_COARSE[fine]
 
 
-def make_dialogue(cid, rng):
-    """One dialogue dict in the AvaMERG schema, plus (stem, avatar ID, expression) of each utterance's face."""
+def make_dialogue(cid, rng, listeners=()):
+    """One dialogue dict in the AvaMERG schema, plus (stem, avatar ID, expression) of each utterance's face.
+
+    `listeners`: avatar IDs the listener is drawn from (default: any avatar, as in AvaMERG).
+    """
     speaker_id, listener_id = rng.sample(range(1, MAX_AVATAR_ID + 1), 2)
+    if listeners:
+        listener_id = rng.choice(listeners)
     profiles = [{'age': rng.choice(AGES), 'gender': rng.choice(GENDERS), 'timbre': rng.choice(TIMBRES), 'ID': i}
                 for i in (speaker_id, listener_id)]
     history, turns, faces, fine = [], [], [], None
@@ -227,7 +234,7 @@ def make_dialogue(cid, rng):
     return dialogue, faces
 
 
-def write_split(folder, json_name, ids, seed, split, frames=True, videos=False, size=256):
+def write_split(folder, json_name, ids, seed, split, frames=True, videos=False, size=256, listeners=()):
     """Write one split's JSON and its faces (image_v5_0/*.png and/or video_v5_0/*.mp4) under `folder`."""
     dialogues = []
     os.makedirs(folder, exist_ok=True)
@@ -237,7 +244,7 @@ def write_split(folder, json_name, ids, seed, split, frames=True, videos=False, 
     for position, cid in enumerate(ids):
         # One generator per dialogue (seeded by a string, which Python hashes stably) keeps files reproducible.
         rng = random.Random(f'{seed}/{split}/{position}')
-        dialogue, faces = make_dialogue(cid, rng)
+        dialogue, faces = make_dialogue(cid, rng, listeners)
         dialogues.append(dialogue)
         for stem, avatar_id, expression in faces:
             # Draw the clip length even without videos so that the faces do not depend on the flags.
@@ -253,10 +260,14 @@ def write_split(folder, json_name, ids, seed, split, frames=True, videos=False, 
     return dialogues
 
 
-def make_dataset(out, seed, dialogues, test_dialogues=0, frames=True, videos=False, size=256):
-    """Write train.json (+ media) and test/test.json (+ media under test/) into `out`; returns the dialogues."""
+def make_dataset(out, seed, dialogues, test_dialogues=0, frames=True, videos=False, size=256, listeners=()):
+    """Write train.json (+ media) and test/test.json (+ media under test/) into `out`; returns the dialogues.
+
+    `listeners` restricts the listener to these avatar IDs (the demo's one empathetic agent); speakers vary.
+    """
     # Train IDs are scattered 5-digit strings like the release's; test IDs count up from 00001 as in the release.
     train_ids = [f'{i:05d}' for i in random.Random(f'{seed}/ids').sample(range(1, 10 ** 5), dialogues)]
     test_ids = [f'{i:05d}' for i in range(1, test_dialogues + 1)]
-    return {'train': write_split(out, 'train.json', train_ids, seed, 'train', frames, videos, size),
-            'test': write_split(os.path.join(out, 'test'), 'test.json', test_ids, seed, 'test', frames, videos, size)}
+    return {'train': write_split(out, 'train.json', train_ids, seed, 'train', frames, videos, size, listeners),
+            'test': write_split(os.path.join(out, 'test'), 'test.json', test_ids, seed, 'test', frames, videos, size,
+                                listeners)}

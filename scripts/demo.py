@@ -1,7 +1,7 @@
 """The whole EmpathDiffuser pipeline on a synthetic AvaMERG, on a laptop CPU: ``make demo`` -> out/demo/report.html.
 
-    python scripts/demo.py --out out/demo            # full schedule (about 15 minutes on two cores)
-    python scripts/demo.py --out /tmp/demo --quick   # shortened schedule (the test suite runs it)
+    python scripts/demo.py --out out/demo            # full schedule (14 minutes on two cores)
+    python scripts/demo.py --out /tmp/demo --quick   # shortened schedule (8 minutes; the test suite)
 
 Stages, each in its own folder under --out and skipped on a rerun once done with the same settings (configs/demo.py;
 a changed setting rebuilds that stage and those after it): synthetic data -> tiny components (tokenizers trained on
@@ -61,7 +61,7 @@ def make_data(config, flag, folder):
     """A synthetic AvaMERG in the real layout, faces drawn at the demo's resolution."""
     from libs.synthetic import make_dataset
     splits = make_dataset(folder, config.seed, config.demo.dialogues, config.demo.test_dialogues,
-                          size=resolution(config))
+                          size=resolution(config), listeners=tuple(config.demo.listeners))
     return {name: dict(dialogues=len(d), turns=sum(len(x['turns']) for x in d)) for name, d in splits.items()}
 
 
@@ -183,21 +183,23 @@ def classify_expressions(config, flag, folder):
     out, size = os.path.dirname(folder), resolution(config)
     net, classes, curve, heldout = demo.train_expression_classifier(config.demo.classifier, size, config.seed)
     save_file(net.state_dict(), os.path.join(folder, 'expression_classifier.safetensors'))
-    result = dict(classes=classes, curve=curve, heldout_rendered_acc=heldout)
+    result = dict(classes=classes, curve=curve, heldout_rendered_acc=heldout,
+                  **demo.reference_agreement(net, classes, config, os.path.join(out, 'eval'), size))
     for name in ('eval', 'baseline'):
         result[name] = demo.expression_agreement(net, classes, os.path.join(out, name), size)
-    logger.info('expression agreement: trained %.3f, untrained %.3f, chance %.3f', result['eval']['agreement'],
-                result['baseline']['agreement'], 1 / len(classes))
+    logger.info('expression read as prescribed: trained %.3f, untrained %.3f, chance %.3f; reference faces %.3f, '
+                'their codec reconstructions %.3f', result['eval']['agreement'], result['baseline']['agreement'],
+                1 / len(classes), result['reference_faces'], result['codec_reconstructions'])
     return result
 
 
 STAGES = (
-    # name, function, config keys it reads, stages it reads, what it does
-    ('data', make_data, ('seed', 'demo.dialogues', 'demo.test_dialogues', 'z_shape', 'autoencoder'), (),
+    # name, function, config keys it reads, stages whose outputs it reads, what it does
+    ('data', make_data, ('seed', 'demo.dialogues', 'demo.test_dialogues', 'demo.listeners'), (),
      'writing a synthetic AvaMERG'),
     ('models', make_components, ('seed', 'clip_text', 'clip_img', 'clip_text_dim', 'clip_img_dim', 'num_text_tokens',
-                                 'caption_decoder', 'autoencoder', 'nnet'), ('data',),
-     'building tiny random components, tokenizers trained on the corpus'),
+                                 'caption_decoder', 'demo.initial_caption_decoder', 'demo.tokenizers'), ('data',),
+     'building tiny random encoders and caption decoder, tokenizers learned on the corpus'),
     ('codec', train_codec, ('seed', 'autoencoder', 'demo.codec'), ('models',), 'training the tiny AutoencoderKL'),
     ('features', extract, ('data',), ('codec',), 'encoding every pair with the VAE and CLIP encoders'),
     ('caption_decoder', train_caption_decoder, ('caption_decoder_train',), ('features',),
@@ -207,25 +209,27 @@ STAGES = (
     ('eval', evaluate_trained, ('seed', 'sample', 'eval', 'demo.eval'), ('train',),
      'responding to held-out speaker turns'),
     ('baseline', evaluate_untrained, ('seed', 'nnet', 'train.init_from', 'sample', 'eval', 'demo.eval'),
-     ('caption_decoder',),
-     'the same evaluation with the untrained network'),
+     ('caption_decoder',), 'the same evaluation with the untrained network'),
     ('expression', classify_expressions, ('seed', 'demo.classifier'), ('eval', 'baseline'),
      'reading the generated faces with an expression classifier'),
 )
+# The face size is derived from the latent size and the codec's depth; these stages draw or encode at that size.
+SIZED = ('data', 'models')
 
 
 def main(argv=None):
     """Parse the command line, run the stages, write the report; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='out/demo', help='output folder (a rerun reuses its finished stages)')
-    parser.add_argument('--quick', action='store_true', help='shortened schedule (a few minutes; the test suite)')
+    parser.add_argument('--quick', action='store_true', help='shortened schedule (about 8 minutes; the test suite)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     from libs import demo
     from libs.errors import UserError
     out = os.path.abspath(args.out)
     config, flag = load_config(out, args.quick)
-    stages = [demo.Stage(name, functools.partial(fn, config, flag), keys, deps, what)
+    size = lambda c: {'resolution': resolution(c)}  # noqa: E731
+    stages = [demo.Stage(name, functools.partial(fn, config, flag), keys, deps, what, size if name in SIZED else None)
               for name, fn, keys, deps, what in STAGES]
     try:
         markers = demo.run_stages(stages, config, out)

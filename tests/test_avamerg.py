@@ -282,6 +282,15 @@ def test_faces_follow_identity_and_expression():
     assert np.abs(other - faces['sad']).sum() > 0
 
 
+def test_listener_pool(tmp_path):
+    # The demo's listener is one avatar; speakers and, without a pool, listeners vary over all avatars.
+    pooled = make_dataset(str(tmp_path / 'a'), seed=2, dialogues=8, frames=False, listeners=(7,))['train']
+    assert {d['listener_profile']['ID'] for d in pooled} == {7}
+    assert len({d['speaker_profile']['ID'] for d in pooled}) > 1
+    free = make_dataset(str(tmp_path / 'b'), seed=2, dialogues=8, frames=False)['train']
+    assert len({d['listener_profile']['ID'] for d in free}) > 1
+
+
 def test_cli(tmp_path):
     script = os.path.join(ROOT, 'scripts', 'make_synthetic_avamerg.py')
     ok = subprocess.run([sys.executable, script, '--out', str(tmp_path / 'd'), '--seed', '1', '--dialogues', '2',
