@@ -10,7 +10,6 @@ is assembled aside and moved into place only when complete, so a failed run neve
 """
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -69,13 +68,6 @@ def load_image(path):
         raise UserError(f'--img {path}: not a readable image ({type(e).__name__}: {e})') from e
 
 
-def peak_memory_gb(device):
-    """Peak accelerator memory, or the process's peak resident memory on a CPU."""
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
 def write_outputs(folder, mode, result, nrow, record):
     """Write images, grid, texts and samples.json into folder."""
     os.makedirs(folder, exist_ok=True)
@@ -112,7 +104,7 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
                 img=img if {'img', 'speaker'} & set(needs) else None)
     record = dict(mode=mode, inputs=used, n_samples=n_samples, seed=config.seed,
                   nnet_path=nnet_path or config.nnet_path, settings=config.sample.to_dict(),
-                  seconds_per_sample=seconds / n_samples, peak_memory_gb=round(peak_memory_gb(device), 3),
+                  seconds_per_sample=seconds / n_samples, peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),
                   device=str(device))
     os.makedirs(output_path, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=output_path, prefix=f'.{mode}-')

@@ -5,6 +5,7 @@ encode the inputs, run one entry of ``libs.modes.MODES``, decode the outputs.
 """
 import functools
 import logging
+import resource
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -140,6 +141,13 @@ def decode_images(comp: Components, z: torch.Tensor) -> List[Image.Image]:
 def decode_texts(comp: Components, text: torch.Tensor, beam_size: int = 5) -> List[str]:
     """Reduced text features -> strings through the caption decoder's batched beam search."""
     return comp.caption_decoder.generate_captions(text.float(), beam_size=beam_size)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak resident memory on a CPU, in GiB."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def make_grid(images: List[Image.Image], nrow: int) -> Image.Image:

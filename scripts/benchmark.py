@@ -9,7 +9,6 @@ one warm-up.
 """
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -83,7 +82,7 @@ def time_caption_decoding(config, device, batch, repeats):
 def main(argv):
     del argv
     from common import tiny, unidiffuser
-    from libs import modes
+    from libs import modes, pipeline
     from libs.diffusion import NoiseScheduleVP, get_sampler, stable_diffusion_betas
     from libs.uvit import build_nnet
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -137,10 +136,8 @@ def main(argv):
     if not FLAGS.forward_only:
         rows.append((f'caption decoding per sample (batch {B}, 5 beams, <= 67 tokens)',
                      time_caption_decoding(config, device, B, FLAGS.repeats)))
-    if device.type == 'cuda':
-        peak = f'peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
-    else:
-        peak = f'peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB'
+    kind = 'GPU' if device.type == 'cuda' else 'resident'
+    peak = f'peak {kind} memory {pipeline.peak_memory_gb(device):.2f} GiB'
     print(f'\n{FLAGS.size} U-ViT ({sum(p.numel() for p in nnet.parameters()) / 1e6:.3f}M params, empath), '
           f'{machine(device)}, {"bf16" if autocast else "fp32"}, {peak}\n')
     print('| measurement | seconds |\n|---|---|')
