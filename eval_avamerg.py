@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from absl import app, flags
 from ml_collections import config_flags
-from PIL import Image
+from tqdm import tqdm
 
 from libs import metrics, modes
 from libs.avamerg import COARSE_7, EMOTIONS_32, AvaMERG, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
-from libs.io import atomic_write_bytes, atomic_write_json
+from libs.io import atomic_write_bytes, atomic_write_json, read_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -217,18 +217,12 @@ def uint8_batch(images):
     return torch.stack([torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1) for im in images])
 
 
-def load_png(path):
-    """An RGB image read fully into memory (no file handle stays open)."""
-    with Image.open(path) as im:
-        return im.convert('RGB')
-
-
 @torch.no_grad()
 def fid_stats(inception, source, out, records, batches, device):
     """Inception statistics of the generated and of the reference faces of the given batches of pair indices."""
     gen, ref = (metrics.FeatureStats(metrics.INCEPTION_POOL_DIM, device) for _ in range(2))
     for indices in batches:
-        generated = [load_png(os.path.join(out, records[i]['face'])) for i in indices]
+        generated = [read_rgb(os.path.join(out, records[i]['face'])) for i in indices]
         gen.update(inception(uint8_batch(generated).to(device)))
         ref.update(inception(uint8_batch([source.face(i, 'response') for i in indices]).to(device)))
     return gen, ref
@@ -257,14 +251,10 @@ def write_figures(out, source, records):
                                                      [coarse_index(x) for x in gold])):
         metrics.plot_confusion_png(metrics.confusion_matrix(p, g, len(labels)), list(labels),
                                    os.path.join(out, f'confusion_{len(labels)}.png'))
-    size, rows = source.comp.resolution, records[:GRID_ROWS]
-    grid = Image.new('RGB', (3 * size, len(rows) * size), 'white')
-    for row, r in enumerate(rows):
-        i = r['index']
-        faces = source.face(i, 'speaker'), load_png(os.path.join(out, r['face'])), source.face(i, 'response')
-        for col, face in enumerate(faces):
-            grid.paste(face, (col * size, row * size))
-    grid.save(os.path.join(out, 'grid.png'))
+    from libs.pipeline import make_grid
+    faces = [face for r in records[:GRID_ROWS] for face in (
+        source.face(r['index'], 'speaker'), read_rgb(os.path.join(out, r['face'])), source.face(r['index'], 'response'))]
+    make_grid(faces, nrow=3).save(os.path.join(out, 'grid.png'))
 
 
 def write_report(out, summary):
@@ -322,12 +312,15 @@ def evaluate(config, nnet_path=None, split='test', features=None, limit=None, sk
     batches = [list(range(s, min(s + batch_size, len(pairs)))) for s in range(0, len(pairs), batch_size)]
     mine = batches[acc.process_index::acc.num_processes]
     base, generated = pipeline.make_context(comp, None), 0
+    bar = tqdm(total=sum(len(b) for b in mine), initial=sum(i in done for b in mine for i in b), unit='pair',
+               desc='eval', dynamic_ncols=True, disable=not acc.is_main_process)
     for indices in mine:
         todo = [i for i in indices if i not in done]
         if todo:  # a partly finished batch is completed as a smaller one (floating-point results may differ slightly)
             write_batch(out, acc.process_index, pairs, todo, *generate_batch(comp, base, source, todo, config.seed))
             generated += len(todo)
-            logger.info('process %d: %d pairs generated', acc.process_index, generated)
+            bar.update(len(todo))
+    bar.close()
     acc.wait_for_everyone()
 
     records = read_records(out)

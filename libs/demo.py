@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from libs.io import atomic_write_json
+from libs.io import atomic_write_bytes, atomic_write_json, read_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ class Stage:
     keys: Sequence[str] = ()        # dotted config keys whose values the outputs depend on
     deps: Sequence[str] = ()        # stages whose outputs it reads
     what: str = ''                  # one line for the console
-    derived: Callable = None        # config -> dict of further values the outputs depend on (e.g. the face size)
 
 
 def config_value(config, key: str):
@@ -71,7 +70,6 @@ def run_stages(stages: Sequence[Stage], config, out: str) -> Dict[str, dict]:
         folder = os.path.join(out, stage.name)
         # A dependency's marker carries the time it finished, so a rerun upstream invalidates this stage too.
         settings = dict(keys={k: config_value(config, k) for k in stage.keys},
-                        derived=stage.derived(config) if stage.derived else {},
                         deps={d: [markers[d]['fingerprint'], markers[d]['finished']] for d in stage.deps})
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         old = read_marker(folder)
@@ -97,13 +95,6 @@ def run_stages(stages: Sequence[Stage], config, out: str) -> Dict[str, dict]:
 # Faces
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_png(path: str):
-    """An RGB PIL image read fully into memory."""
-    from PIL import Image
-    with Image.open(path) as image:
-        return image.convert('RGB')
-
-
 def to_batch(images, resolution: int) -> torch.Tensor:
     """PIL faces -> (N, 3, R, R) in [-1, 1], with the official centre crop and resize."""
     from libs.autoencoder import center_crop_resize, to_tensor_m11
@@ -112,7 +103,7 @@ def to_batch(images, resolution: int) -> torch.Tensor:
 
 def load_faces(paths: Sequence[str], resolution: int) -> torch.Tensor:
     """PNG faces -> (N, 3, R, R) in [-1, 1]."""
-    return to_batch([load_png(path) for path in paths], resolution)
+    return to_batch([read_rgb(path) for path in paths], resolution)
 
 
 def face_paths(data_root: str, split: str) -> List[str]:
@@ -444,10 +435,11 @@ EXAMPLES = 12  # held-out pairs shown side by side
 
 def learning_numbers(markers: dict) -> dict:
     """Trained vs untrained vs chance for every number the demo must show moving (what the test asserts)."""
+    from libs.avamerg import COARSE_7, EMOTIONS_32
     trained, untrained = (markers[s]['summary']['metrics'] for s in ('eval', 'baseline'))
     majority, expression = markers['eval']['summary']['majority'], markers['expression']['summary']
     numbers = {}
-    for key, uniform in (('fine_acc', 1 / 32), ('coarse_acc', 1 / 7)):
+    for key, uniform in (('fine_acc', 1 / len(EMOTIONS_32)), ('coarse_acc', 1 / len(COARSE_7))):
         numbers[f'emotion_{key}'] = dict(trained=trained['emotion'][key], untrained=untrained['emotion'][key],
                                          majority=majority[key], uniform=uniform)
     for key in ('fine_macro_f1', 'coarse_macro_f1'):
@@ -512,11 +504,11 @@ def components_rows(config, markers) -> list:
 def example_rows(config, out: str, markers) -> list:
     """Speaker | generated (trained) | untrained | reference cells of the first held-out pairs."""
     from libs.avamerg import AvaMERG
+    from libs.synthetic import expression_of
     reader = AvaMERG(config.data.root, 'test')
     trained = read_jsonl(os.path.join(out, 'eval', 'pairs.jsonl'))[:EXAMPLES]
     untrained = {r['index']: r for r in read_jsonl(os.path.join(out, 'baseline', 'pairs.jsonl'))}
     expression = markers['expression']['summary']
-    from libs.synthetic import expression_of
     face = lambda stem: img_tag(reader.load_face(stem).resize((96, 96)), scale=1)  # noqa: E731
     rows = []
     for r in trained:
@@ -527,9 +519,9 @@ def example_rows(config, out: str, markers) -> list:
         top3 = ', '.join(f'{name} {p:.2f}' for name, p in r['top3'])
         rows.append((
             f'{face(r["speaker_stem"])}<br>{html.escape(r["speaker_text"])}',
-            f'{img_tag(load_png(os.path.join(out, "eval", r["face"])), 3)}<br>{html.escape(r["generated"])}'
+            f'{img_tag(read_rgb(os.path.join(out, "eval", r["face"])), 3)}<br>{html.escape(r["generated"])}'
             f'<br><i>emotion:</i> {html.escape(top3)}<br><i>face reads as:</i> {mark(reads["eval"])}',
-            f'{img_tag(load_png(os.path.join(out, "baseline", base["face"])), 3)}<br>'
+            f'{img_tag(read_rgb(os.path.join(out, "baseline", base["face"])), 3)}<br>'
             f'{html.escape(base["generated"][:120])}<br><i>face reads as:</i> {mark(reads["baseline"])}',
             f'{face(r["response_stem"])}<br>{html.escape(r["reference"])}<br><i>gold emotion:</i> '
             f'{html.escape(r["gold_emotion"])}<br><i>prescribed face:</i> {prescribed}'))
@@ -543,7 +535,6 @@ def fmt(value) -> str:
 
 def write_report(out: str, config, markers: dict, schedule: str) -> dict:
     """Write <out>/metrics.json and the self-contained <out>/report.html; returns the metrics."""
-    from PIL import Image
     numbers = learning_numbers(markers)
     ev = markers['eval']['summary']
     fid = dict(computed=ev['metrics'].get('fid') is not None, value=ev['metrics'].get('fid'),
@@ -579,10 +570,9 @@ def write_report(out: str, config, markers: dict, schedule: str) -> dict:
                   'caption decoder', 'CE'),
         svg_chart({'CE': [(r['step'], r['loss']) for r in markers['expression']['summary']['curve']]},
                   'expression classifier', 'CE')]
-    codec_figure = ''.join(f'<p>{name}<br>{img_tag(load_png(os.path.join(out, "codec", name + ".png")), 3)}</p>'
+    codec_figure = ''.join(f'<p>{name}<br>{img_tag(read_rgb(os.path.join(out, "codec", name + ".png")), 3)}</p>'
                            for name in ('originals', 'reconstructions'))
-    with Image.open(os.path.join(out, 'eval', 'confusion_7.png')) as confusion:
-        confusion_tag = img_tag(confusion.convert('RGB'), 1)
+    confusion_tag = img_tag(read_rgb(os.path.join(out, 'eval', 'confusion_7.png')), 1)
     fid_text = (f'FID {fid["value"]:.2f} ({ev["settings"]["samples"]} faces)' if fid['computed'] else
                 f'FID not computed: {html.escape(fid["skipped_because"] or "")}')
     ex = summary['expression_classifier']
@@ -615,6 +605,6 @@ def write_report(out: str, config, markers: dict, schedule: str) -> dict:
         ('Stages', table(('stage', 'seconds'), [(n, m['seconds']) for n, m in markers.items()])
          + '<pre>' + html.escape('\n'.join(commands)) + '</pre>'),
     ]
-    with open(os.path.join(out, 'report.html'), 'w', encoding='utf-8') as f:
-        f.write(html_page('EmpathDiffuser demo on synthetic AvaMERG', sections))
+    page = html_page('EmpathDiffuser demo on synthetic AvaMERG', sections)
+    atomic_write_bytes(os.path.join(out, 'report.html'), page.encode('utf-8'))
     return summary

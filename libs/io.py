@@ -1,4 +1,4 @@
-"""Reading weights safely and writing files atomically (a crash never leaves a half-written file behind)."""
+"""Reading weights and images safely and writing files atomically (a crash never leaves a half-written file behind)."""
 import json
 import os
 import shutil
@@ -6,6 +6,7 @@ import tempfile
 from typing import Dict
 
 import torch
+from PIL import Image
 
 from libs.errors import UserError
 
@@ -29,6 +30,12 @@ def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f'{what} {path} is not a flat dict of tensors')
     return sd
+
+
+def read_rgb(path: str) -> Image.Image:
+    """An RGB image read fully into memory (no file handle stays open)."""
+    with Image.open(path) as image:
+        return image.convert('RGB')
 
 
 def describe_mismatch(expected: Dict[str, torch.Size], found: Dict[str, torch.Size], limit: int = 5) -> str:

@@ -10,6 +10,7 @@ import os
 import random
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from libs.avamerg import COARSE_7, EMOTIONS_32, FINE_TO_COARSE, FREE_FORM_TO_FINE, media_stem
 from libs.video_frames import write_clip
@@ -241,7 +242,7 @@ def write_split(folder, json_name, ids, seed, split, frames=True, videos=False, 
     for kind, wanted in (('image_v5_0', frames), ('video_v5_0', videos)):
         if wanted:
             os.makedirs(os.path.join(folder, kind), exist_ok=True)
-    for position, cid in enumerate(ids):
+    for position, cid in enumerate(tqdm(ids, desc=f'synthetic {split}', unit='dialogue', dynamic_ncols=True)):
         # One generator per dialogue (seeded by a string, which Python hashes stably) keeps files reproducible.
         rng = random.Random(f'{seed}/{split}/{position}')
         dialogue, faces = make_dialogue(cid, rng, listeners)

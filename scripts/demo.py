@@ -193,12 +193,15 @@ def classify_expressions(config, flag, folder):
     return result
 
 
+# What the face size (resolution()) is computed from: the stages that draw or encode faces at that size read them.
+SIZE_KEYS = ('z_shape', 'autoencoder.block_out_channels')
 STAGES = (
     # name, function, config keys it reads, stages whose outputs it reads, what it does
-    ('data', make_data, ('seed', 'demo.dialogues', 'demo.test_dialogues', 'demo.listeners'), (),
+    ('data', make_data, ('seed', 'demo.dialogues', 'demo.test_dialogues', 'demo.listeners', *SIZE_KEYS), (),
      'writing a synthetic AvaMERG'),
     ('models', make_components, ('seed', 'clip_text', 'clip_img', 'clip_text_dim', 'clip_img_dim', 'num_text_tokens',
-                                 'caption_decoder', 'demo.initial_caption_decoder', 'demo.tokenizers'), ('data',),
+                                 'caption_decoder', 'demo.initial_caption_decoder', 'demo.tokenizers', *SIZE_KEYS),
+     ('data',),
      'building tiny random encoders and caption decoder, tokenizers learned on the corpus'),
     ('codec', train_codec, ('seed', 'autoencoder', 'demo.codec'), ('models',), 'training the tiny AutoencoderKL'),
     ('features', extract, ('data',), ('codec',), 'encoding every pair with the VAE and CLIP encoders'),
@@ -213,8 +216,6 @@ STAGES = (
     ('expression', classify_expressions, ('seed', 'demo.classifier'), ('eval', 'baseline'),
      'reading the generated faces with an expression classifier'),
 )
-# The face size is derived from the latent size and the codec's depth; these stages draw or encode at that size.
-SIZED = ('data', 'models')
 
 
 def main(argv=None):
@@ -228,8 +229,7 @@ def main(argv=None):
     from libs.errors import UserError
     out = os.path.abspath(args.out)
     config, flag = load_config(out, args.quick)
-    size = lambda c: {'resolution': resolution(c)}  # noqa: E731
-    stages = [demo.Stage(name, functools.partial(fn, config, flag), keys, deps, what, size if name in SIZED else None)
+    stages = [demo.Stage(name, functools.partial(fn, config, flag), keys, deps, what)
               for name, fn, keys, deps, what in STAGES]
     try:
         markers = demo.run_stages(stages, config, out)
