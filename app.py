@@ -5,10 +5,11 @@
     python app.py --config=configs/sample_unidiffuser_v1.py    # official UniDiffuser-v1: the seven modes only
 
 Any config key can be overridden as in sample_multi.py (``--config.sample.sampler=dpm_solver_2m``). The networks are
-loaded once; requests wait in one queue and run one at a time, each with its own copy of the config (guidance
-scale, steps and seed come from the page). Bad input is answered with a message in the page. The server listens on
-127.0.0.1 (``--host`` or GRADIO_SERVER_NAME to change that, as Hugging Face Spaces do) and makes no outgoing call:
-analytics, the version check, share links and the run history are off, and the page loads only local assets.
+loaded once; requests wait in one queue and run one at a time, each with its own copy of the config (the page sets
+config.sample.speaker_guidance, scale, scale_text, scale_face, sample_steps and config.seed). Bad input is answered
+with a message in the page. The server listens on 127.0.0.1 (``--host`` or GRADIO_SERVER_NAME to change that, as
+Hugging Face Spaces do) and makes no outgoing call: analytics, the version check, share links and the run history are
+off, and the page loads only local assets.
 """
 import dataclasses
 import functools
@@ -41,6 +42,7 @@ APP_ARGS = 'EMPATH_APP_ARGS'  # extra command-line flags from the environment (a
 CSS = ('.face img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated} '
        '#images img {image-rendering: pixelated}')
 FACE_HEIGHT = 280  # pixels of the face boxes in the page
+SCALE_NAMES = dict(scale='guidance scale', scale_text='utterance scale', scale_face='face scale')
 FLAGS = flags.FLAGS
 
 
@@ -62,14 +64,14 @@ def demo_nnet_path(config):
 
     A UserError says how to get one when the demo has not been run (or stopped before its first checkpoint).
     """
-    from libs.trainer import checkpoints
+    from libs.trainer import EXPORT, checkpoints
     run_dir = os.path.join(config.workdir, config.name)
-    exported = os.path.join(run_dir, 'nnet_ema.safetensors')
+    exported = os.path.join(run_dir, EXPORT)
     if os.path.isfile(exported):
         return exported
     steps = checkpoints(run_dir)
-    if steps:
-        return os.path.join(run_dir, 'ckpts', f'{steps[-1]}.ckpt', 'nnet_ema.safetensors')
+    if steps:  # a checkpoint folder holds its EMA network under the same name
+        return os.path.join(run_dir, 'ckpts', f'{steps[-1]}.ckpt', EXPORT)
     how = ('Run `make demo` first (about 15 minutes on a CPU), or serve any model with '
            '`python app.py --config=CONFIG --nnet_path=WEIGHTS`.')
     if not os.path.isdir(run_dir):
@@ -81,21 +83,44 @@ def demo_nnet_path(config):
 # Requests: page values -> checked inputs -> libs.pipeline.generate
 # ----------------------------------------------------------------------------------------------------------------
 
-def request_config(config, scale, steps, seed):
-    """A copy of the served config with this request's guidance scale, steps and seed (checked)."""
+def number(value, what):
+    """A page value as a finite float, or a UserError naming the field."""
     try:
-        scale, steps, seed = float(scale), float(steps), float(seed)
-    except (TypeError, ValueError) as e:
-        raise UserError(f'guidance scale, steps and seed must be numbers ({e})') from e
-    if not (math.isfinite(scale) and 0 <= scale <= MAX_SCALE):
-        raise UserError(f'guidance scale {scale:g} is outside 0..{MAX_SCALE:g}')
+        value = float(value)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f'{what} must be a number')
+    return value
+
+
+def request_config(config, steps, seed, speaker_guidance=None, **scales):
+    """A copy of the served config with this request's steps, seed, speaker guidance and scales (checked).
+
+    ``scales`` are config.sample keys (scale, scale_text, scale_face); the copy leaves the served config untouched.
+    """
+    steps, seed = number(steps, 'steps'), number(seed, 'the seed')
     if steps != int(steps) or not 1 <= steps <= MAX_STEPS:
         raise UserError(f'steps must be a whole number in 1..{MAX_STEPS}, got {steps:g}')
     if seed != int(seed) or not 0 <= seed < 2 ** 63:
         raise UserError(f'the seed must be a whole number from 0 up, got {seed:g}')
     config = config.copy_and_resolve_references()
-    config.sample.scale, config.sample.sample_steps, config.seed = scale, int(steps), int(seed)
+    config.sample.sample_steps, config.seed = int(steps), int(seed)
+    for key, value in scales.items():
+        value = number(value, f'the {SCALE_NAMES[key]}')
+        if not 0 <= value <= MAX_SCALE:
+            raise UserError(f'the {SCALE_NAMES[key]} {value:g} is outside 0..{MAX_SCALE:g}')
+        config.sample[key] = value
+    if speaker_guidance is not None:
+        config.sample.speaker_guidance = speaker_guidance  # checked by libs.pipeline.make_context
     return config
+
+
+def guidance_note(config, mode):
+    """How this sample was guided, in words."""
+    if mode in modes.EMPATH_MODES and config.sample.speaker_guidance == 'two_scale':
+        return f'utterance scale {config.sample.scale_text:g}, face scale {config.sample.scale_face:g}'
+    return f'guidance scale {config.sample.scale:g}'
 
 
 def read_image(payload, what):
@@ -128,24 +153,27 @@ def check_text(comp, text, what):
     return text
 
 
-def run(comp, mode, scale, steps, seed, n_samples=1, prompt=None, image=None):
-    """``libs.pipeline.generate`` under this request's settings; returns (outputs, a line with time and settings)."""
-    config = request_config(comp.config, scale, steps, seed)
+def run(comp, mode, settings, n_samples=1, prompt=None, image=None):
+    """``libs.pipeline.generate`` under ``request_config(**settings)``; returns (outputs, time and settings line)."""
+    config = request_config(comp.config, **settings)
     request = dataclasses.replace(comp, config=config)  # shares the loaded networks, not the config
     ctx = pipeline.make_context(request, torch.Generator(comp.device).manual_seed(config.seed))
     start = time.perf_counter()
     result = pipeline.generate(request, ctx, mode, n_samples, prompt=prompt, image=image)
     note = (f'{time.perf_counter() - start:.1f} s on {comp.device.type} ({config.sample.sample_steps} steps, '
-            f'guidance scale {config.sample.scale:g}, seed {config.seed})')
+            f'{guidance_note(config, mode)}, seed {config.seed})')
     return result, note
 
 
-def respond(comp, face, utterance, scale, steps, seed):
+def respond(comp, face, utterance, speaker_guidance, scale, scale_text, scale_face, steps, seed):
     """The empathetic response to a speaker turn: (face, utterance, {emotion: probability}, time taken)."""
     image, text = read_image(face, 'speaker face'), check_text(comp, utterance, 'utterance')
     if image is None and text is None:
         raise UserError("give the speaker's face, their utterance, or both")
-    result, note = run(comp, 'empath', scale, steps, seed, prompt=text, image=image)
+    settings = dict(steps=steps, seed=seed, speaker_guidance=speaker_guidance)
+    settings.update(dict(scale_text=scale_text, scale_face=scale_face) if speaker_guidance == 'two_scale' else
+                    dict(scale=scale))
+    result, note = run(comp, 'empath', settings, prompt=text, image=image)
     given = ' and '.join(name for name, value in (('face', image), ('utterance', text)) if value is not None)
     return result['images'][0], result['texts'][0], dict(result['emotions'][0]), f'{note}; speaker {given}'
 
@@ -163,7 +191,8 @@ def unidiffuser(comp, mode, prompt, image, n_samples, scale, steps, seed):
         raise UserError(f'mode {mode} needs an image')
     if n_samples not in range(1, MAX_SAMPLES + 1):
         raise UserError(f'the number of samples must be 1..{MAX_SAMPLES}, got {n_samples}')
-    result, note = run(comp, mode, scale, steps, seed, n_samples=int(n_samples), prompt=prompt, image=image)
+    result, note = run(comp, mode, dict(scale=scale, steps=steps, seed=seed), n_samples=int(n_samples),
+                       prompt=prompt, image=image)
     return result.get('images', []), '\n'.join(result.get('texts', [])), note
 
 
@@ -193,15 +222,35 @@ def mode_label(mode):
     return f'{mode}: {re.split("[:;.]", modes.MODES[mode].__doc__)[0].strip()}'
 
 
-def sampling_controls(config):
-    """Guidance scale, steps and seed inputs, starting at the served config's values."""
+def scale_slider(config, key, info, visible=True):
+    """A slider for the guidance scale config.sample[key]."""
     import gradio as gr
-    scale = gr.Slider(0, MAX_SCALE, value=float(config.sample.scale), step=0.5, label='Guidance scale',
-                      info='s in ε + s·(ε − ε_uncond); 0 = no guidance')
+    return gr.Slider(0, MAX_SCALE, value=float(config.sample[key]), step=0.5, label=SCALE_NAMES[key].capitalize(),
+                     info=info, visible=visible, elem_id=key.replace('_', '-'))
+
+
+def steps_and_seed(config):
+    """Steps and seed inputs, starting at the served config's values."""
+    import gradio as gr
     steps = gr.Slider(1, MAX_STEPS, value=int(config.sample.sample_steps), step=1, label='Steps',
                       info=f'{config.sample.sampler}: one network evaluation per step')
-    seed = gr.Number(value=int(config.seed), precision=0, minimum=0, label='Seed')
-    return [scale, steps, seed]
+    return [steps, gr.Number(value=int(config.seed), precision=0, minimum=0, label='Seed')]
+
+
+def speaker_guidance_controls(config):
+    """The empath modes' guidance: one scale against no speaker, or InstructPix2Pix's utterance and face scales."""
+    import gradio as gr
+    two = config.sample.speaker_guidance == 'two_scale'
+    rule = gr.Radio([('against no speaker', 'no_speaker'), ('utterance and face scales', 'two_scale')],
+                    value=config.sample.speaker_guidance, label='Guidance over the speaker turn',
+                    elem_id='speaker-guidance')
+    scale = scale_slider(config, 'scale', 's in ε_c + s·(ε_c − ε_∅); 0 = no guidance', visible=not two)
+    scale_text = scale_slider(config, 'scale_text', 's_t in ε_tf + s_t·(ε_t − ε_∅) + s_f·(ε_tf − ε_t)',
+                              visible=two)
+    scale_face = scale_slider(config, 'scale_face', 's_f: towards the face, given the utterance', visible=two)
+    rule.change(lambda r: [gr.update(visible=r != 'two_scale')] + [gr.update(visible=r == 'two_scale')] * 2, rule,
+                [scale, scale_text, scale_face])
+    return [rule, scale, scale_text, scale_face]
 
 
 def build_app(comp, nnet_path):
@@ -212,19 +261,19 @@ def build_app(comp, nnet_path):
     queue = dict(concurrency_id='model', concurrency_limit=1, preprocess=False)
     with gr.Blocks(title='EmpathDiffuser', analytics_enabled=False) as page:
         shown = os.path.relpath(nnet_path, ROOT) if os.path.abspath(nnet_path).startswith(ROOT + os.sep) else nnet_path
-        gr.Markdown(f'# EmpathDiffuser\nServing `{shown}` '
-                    f'({comp.config.nnet.name}, {comp.resolution}² images) on {comp.device.type}.')
+        kind = 'EmpathDiffuser' if conditional else 'UniDiffuser (no speaker condition)'
+        gr.Markdown(f'# EmpathDiffuser\nServing `{shown}`: {kind}, {comp.resolution}² images, on {comp.device.type}.')
         with gr.Tab('Empathetic response', id='empath'):
             if not conditional:
-                gr.Markdown(f'This network ({comp.config.nnet.name}) has no speaker condition: serve an '
-                            'EmpathDiffuser checkpoint (nnet.name=uvit_empath) for empathetic responses.')
+                gr.Markdown('This network has no speaker condition: serve an EmpathDiffuser checkpoint '
+                            '(nnet.name=uvit_empath) for empathetic responses; the UniDiffuser tab works.')
             with gr.Row():
                 with gr.Column():
                     face = gr.Image(label='Speaker face', sources=['upload', 'webcam'], type='filepath',
                                     height=FACE_HEIGHT, elem_id='speaker-face', elem_classes='face')
                     utterance = gr.Textbox(label='Speaker utterance', lines=2, max_length=MAX_CHARS,
                                            placeholder='I lost my job today.', elem_id='speaker-utterance')
-                    controls = sampling_controls(comp.config)
+                    controls = speaker_guidance_controls(comp.config) + steps_and_seed(comp.config)
                     button = gr.Button('Respond', variant='primary', interactive=conditional, elem_id='respond')
                 with gr.Column():
                     response_face = gr.Image(label='Response face', format='png', interactive=False,
@@ -245,7 +294,8 @@ def build_app(comp, nnet_path):
                     image = gr.Image(label='Image', sources=['upload', 'webcam'], type='filepath', visible=False,
                                      height=FACE_HEIGHT, elem_id='image', elem_classes='face')
                     n_samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1, label='Samples')
-                    controls = sampling_controls(comp.config)
+                    controls = [scale_slider(comp.config, 'scale', 's in ε + s·(ε − ε_uncond); 0 = no guidance'),
+                                *steps_and_seed(comp.config)]
                     run_button = gr.Button('Generate', variant='primary', elem_id='generate')
                 with gr.Column():
                     gallery = gr.Gallery(label='Images', format='png', elem_id='images')

@@ -65,50 +65,64 @@ def face(tmp_path_factory):
 # Handlers, without a browser
 # ----------------------------------------------------------------------------------------------------------------
 
+def ask(comp, face, utterance, scale=7, steps=4, seed=0, guidance='no_speaker', scale_text=7, scale_face=7):
+    """app.respond with the page's inputs in order, defaults for those a test does not vary."""
+    return app.respond(comp, face, utterance, guidance, scale, scale_text, scale_face, steps, seed)
+
+
 def test_respond_gives_a_face_an_utterance_and_emotions(comp, face):
-    image, text, emotions, note = app.respond(comp, {'path': face, 'orig_name': 'speaker.png'}, UTTERANCE, 3, 4, 5)
+    image, text, emotions, note = ask(comp, {'path': face, 'orig_name': 'speaker.png'}, UTTERANCE, 3, 4, 5)
     assert image.size == (comp.resolution, comp.resolution) and isinstance(text, str) and text
     assert len(emotions) == 3 and set(emotions) <= set(EMOTIONS_32)
     probs = list(emotions.values())
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
     assert re.fullmatch(r'\d+\.\d s on cpu \(4 steps, guidance scale 3, seed 5\); speaker face and utterance', note)
     # The request's seed fixes the sample; another seed gives another one; the served config is not touched.
-    again = app.respond(comp, face, UTTERANCE, 3, 4, 5)
+    again = ask(comp, face, UTTERANCE, 3, 4, 5)
     assert list(again[0].getdata()) == list(image.getdata()) and again[1] == text
-    assert list(app.respond(comp, face, UTTERANCE, 3, 4, 6)[0].getdata()) != list(image.getdata())
-    assert comp.config.sample.scale == 7 and comp.config.sample.sample_steps == 4 and comp.config.seed == 1234
+    assert list(ask(comp, face, UTTERANCE, 3, 4, 6)[0].getdata()) != list(image.getdata())
+    two = ask(comp, face, UTTERANCE, 3, 4, 5, guidance='two_scale', scale_text=2, scale_face=4.5)
+    assert '(4 steps, utterance scale 2, face scale 4.5, seed 5)' in two[3]
+    assert list(two[0].getdata()) != list(image.getdata())
+    sample = comp.config.sample
+    assert (sample.scale, sample.sample_steps, sample.speaker_guidance, comp.config.seed) == (7, 4, 'no_speaker', 1234)
     # Either half of the speaker turn alone is enough.
-    assert app.respond(comp, None, UTTERANCE, 3, 4, 5)[3].endswith('speaker utterance')
-    assert app.respond(comp, face, '  ', 3, 4, 5)[3].endswith('speaker face')
+    assert ask(comp, None, UTTERANCE)[3].endswith('speaker utterance')
+    assert ask(comp, face, '  ')[3].endswith('speaker face')
 
 
-def test_page_and_command_line_give_the_same_response(comp, face, tiny_models, tmp_path):
+@pytest.mark.parametrize('guidance', ['no_speaker', 'two_scale'])
+def test_page_and_command_line_give_the_same_response(guidance, comp, face, tiny_models, tmp_path):
     import sample_multi
     config = tiny(tiny_models, condition=True)
+    config.sample.update(speaker_guidance=guidance, scale=5., scale_text=2., scale_face=3.)
     record = sample_multi.sample(config, 'empath', UTTERANCE, face, 1, 1, str(tmp_path))
-    image, text, emotions, _ = app.respond(comp, face, UTTERANCE, config.sample.scale, config.sample.sample_steps,
-                                           config.seed)
+    image, text, emotions, _ = ask(comp, face, UTTERANCE, 5, 4, config.seed, guidance, 2, 3)
     assert list(Image.open(tmp_path / 'empath' / '0.png').getdata()) == list(image.getdata())
     assert record['outputs']['texts'] == [text] and dict(record['outputs']['emotions'][0]) == emotions
 
 
 def test_bad_input_is_a_user_error(comp, face, tmp_path):
     with pytest.raises(UserError, match="give the speaker's face, their utterance, or both"):
-        app.respond(comp, None, ' ', 7, 4, 0)
+        ask(comp, None, ' ')
     broken = tmp_path / 'broken.png'
     broken.write_bytes(b'not an image')
     with pytest.raises(UserError, match=r'speaker face \(upload\.png\) is not a readable image'):
-        app.respond(comp, {'path': str(broken), 'orig_name': 'upload.png'}, UTTERANCE, 7, 4, 0)
+        ask(comp, {'path': str(broken), 'orig_name': 'upload.png'}, UTTERANCE)
     long = ' '.join([UTTERANCE] * 4)
     tokens = comp.clip_text.count_tokens(long)
     with pytest.raises(UserError, match=f'{tokens} tokens long but the text encoder reads at most '
                                         f'{comp.clip_text.max_length}'):
-        app.respond(comp, face, long, 7, 4, 0)
+        ask(comp, face, long)
     with pytest.raises(UserError, match='characters long'):
-        app.respond(comp, face, 'a' * (app.MAX_CHARS + 1), 7, 4, 0)
+        ask(comp, face, 'a' * (app.MAX_CHARS + 1))
     for scale, steps, seed in ((-1, 4, 0), (7, 0, 0), (7, 2.5, 0), (7, 4, -3), ('x', 4, 0), (float('nan'), 4, 0)):
         with pytest.raises(UserError):
-            app.respond(comp, face, UTTERANCE, scale, steps, seed)
+            ask(comp, face, UTTERANCE, scale, steps, seed)
+    with pytest.raises(UserError, match='face scale 30 is outside'):
+        ask(comp, face, UTTERANCE, guidance='two_scale', scale_face=30)
+    with pytest.raises(UserError, match='speaker_guidance'):
+        ask(comp, face, UTTERANCE, guidance='sideways')
 
 
 def test_unidiffuser_modes(comp, face):
@@ -129,6 +143,17 @@ def test_unidiffuser_modes(comp, face):
         app.unidiffuser(comp, 'empath', 'hi', None, 1, 7, 4, 0)
     with pytest.raises(UserError, match='number of samples'):
         app.unidiffuser(comp, 'i', None, None, 9, 7, 4, 0)
+
+
+def test_a_unidiffuser_network_serves_the_modes_only(tiny_models, face):
+    config = tiny(tiny_models)  # the official v1 layout: no speaker condition
+    plain = pipeline.load_components(config, torch.device('cpu'))
+    page = app.build_app(plain, config.nnet_path)
+    by_id = {b.elem_id: b for b in page.blocks.values() if getattr(b, 'elem_id', None)}
+    assert by_id['respond'].interactive is False and by_id['generate'].interactive is not False
+    assert len(app.unidiffuser(plain, 'joint', None, None, 2, 7, 4, 0)[0]) == 2
+    with pytest.raises(UserError, match='needs an EmpathDiffuser network'):
+        ask(plain, face, UTTERANCE)
 
 
 def test_in_page_turns_user_errors_into_escaped_page_messages():
@@ -283,8 +308,10 @@ def test_browser_empathetic_response(browser, server, face, tmp_path):
     took = wait_for(browser, "return document.querySelector('#response-time p')?.textContent", 'the response')
     assert re.fullmatch(r'\d+\.\d s on cpu \(4 steps, guidance scale 7, seed 1234\); speaker face and utterance',
                         took.strip()), took
-    size = browser.execute_script("const im = document.querySelector('#response-face img'); "
-                                  "return im && [im.naturalWidth, im.naturalHeight]")
+    # The outputs arrive together, but the browser fetches and decodes the image after it shows the text.
+    size = wait_for(browser, "const im = document.querySelector('#response-face img'); "
+                             "return im?.complete && im.naturalWidth > 0 && [im.naturalWidth, im.naturalHeight]",
+                    'the response face')
     assert size == [32, 32]  # the tiny config's resolution, decoded from the PNG the server sent
     text = browser.execute_script("return document.querySelector('#response-utterance textarea').value")
     assert text.strip()
@@ -305,6 +332,11 @@ def test_browser_bad_input_shows_a_message(browser, server):
     assert message.strip() == "Give the speaker's face, their utterance, or both"
     assert 'Traceback' not in browser.page_source
     assert not browser.execute_script("return document.querySelector('#response-face img')")
+    # Choosing two-scale guidance swaps the one scale for the utterance and face scales.
+    shown = "return ['scale', 'scale-text', 'scale-face'].map(id => document.getElementById(id)?.offsetParent != null)"
+    assert browser.execute_script(shown) == [True, False, False]
+    browser.execute_script("document.querySelector('#speaker-guidance input[value=two_scale]').click()")
+    wait_for(browser, shown.replace('return ', 'const v = ') + "; return !v[0] && v[1] && v[2]", 'the two scales')
 
 
 def test_browser_unidiffuser_tab(browser, server):
@@ -317,8 +349,8 @@ def test_browser_unidiffuser_tab(browser, server):
     prompt.send_keys('a photo of a cat')
     browser.find_element(By.ID, 'generate').click()
     wait_for(browser, "return document.querySelector('#unidiffuser-time p')?.textContent", 'the t2i result')
-    assert browser.execute_script("return [...document.querySelectorAll('#images img')]"
-                                  ".filter(im => im.naturalWidth > 0).length") >= 1
+    wait_for(browser, "return [...document.querySelectorAll('#images img')].some(im => im.naturalWidth > 0)",
+             'the generated image')
 
 
 def test_nothing_leaves_this_machine(browser, server):
