@@ -1,23 +1,22 @@
-"""The whole EmpathDiffuser pipeline on a synthetic AvaMERG, on a laptop CPU: ``make demo`` -> out/demo/report.html.
+"""The EmpathDiffuser workflow on a synthetic AvaMERG, on a laptop CPU: ``make demo`` -> out/demo/report.html.
 
-    python scripts/demo.py --out out/demo            # full schedule (14 minutes on two cores)
-    python scripts/demo.py --out /tmp/demo --quick   # shortened schedule (8 minutes; the test suite)
+    python scripts/demo.py --out out/demo            # full schedule (at most 15 minutes on two cores)
+    python scripts/demo.py --out /tmp/demo --quick   # shortened schedule (at most 6 minutes; the test suite)
 
-Stages, each in its own folder under --out and skipped on a rerun once done with the same settings (configs/demo.py;
-a changed setting rebuilds that stage and those after it): synthetic data -> tiny components (tokenizers trained on
-the synthetic corpus) -> codec training -> features (extract_features.py) -> caption decoder
-(train_caption_decoder.py) -> EmpathDiffuser training (train_empath.py) -> evaluation on held-out pairs
-(eval_avamerg.py) -> the same evaluation of the untrained network -> expression classifier -> report.html and
-metrics.json. The project's tools run in this process (one start-up instead of six); the console shows the
+As the real workflow: components -> features -> a UniDiffuser (pre-trained here, on the synthetic faces and
+utterances, and saved as an official uvit_v1.pth) -> the EmpathDiffuser fine-tune of configs/avamerg_empath.py ->
+evaluation, against controls. The stages are the table STAGES below; each writes its own folder under --out and is
+skipped on a rerun once done with the same settings (configs/demo.py; a changed setting rebuilds that stage and the
+ones after it). The project's tools run in this process (one start-up instead of a dozen); the console shows the
 command line that does the same by hand.
 """
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import json
 import logging
 import os
-import random
 import shlex
 import sys
 
@@ -27,13 +26,25 @@ sys.path.insert(0, ROOT)  # run as a file, Python puts scripts/ (not the reposit
 logger = logging.getLogger('demo')
 
 
-def load_config(out: str, quick: bool):
-    """configs/demo.py for this output folder and schedule, and the --config flag that gives the tools the same."""
-    arg = f'{out},quick' if quick else out
+def load_config(out: str, quick: bool, seed: int = 0, pretrain: bool = False):
+    """configs/demo.py for this output folder, schedule and seed, and the --config flag that gives the tools the same."""
+    arg = ','.join([out] + ['quick'] * quick + ['pretrain'] * pretrain + [f'seed={seed}'] * (seed != 0))
     spec = importlib.util.spec_from_file_location('demo_config', os.path.join(ROOT, 'configs', 'demo.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg), f'--config=configs/demo.py:{arg}'
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage may read besides its own config: the output folder, both configs and their --config flags."""
+    out: str
+    configs: dict   # 'finetune' / 'pretrain' -> config
+    flags: dict     # 'finetune' / 'pretrain' -> the --config flag that gives a tool that config
+
+    def folder(self, stage: str) -> str:
+        """The folder of a stage."""
+        return os.path.join(self.out, stage)
 
 
 def command(*args) -> str:
@@ -43,21 +54,29 @@ def command(*args) -> str:
     return line
 
 
-def final_nnet(config) -> str:
-    """The EMA network of train_empath.py's last checkpoint."""
-    return os.path.join(config.workdir, config.name, 'ckpts', f'{config.train.n_steps}.ckpt', 'nnet_ema.safetensors')
-
-
 def resolution(config) -> int:
     """Face size in pixels: the latent size times the codec's downsampling."""
     return config.z_shape[-1] * 2 ** (len(config.autoencoder.block_out_channels) - 1)
 
 
+def run_dir(config) -> str:
+    """train_empath.py's run folder."""
+    return os.path.join(config.workdir, config.name)
+
+
+def test_pairs(config, n: int):
+    """Metadata of the first n pairs of the test feature cache (ids, stems, raw texts, emotion)."""
+    from libs.features import FeatureDataset
+    data = FeatureDataset(config.data.test)
+    keys = ('conversation_id', 'turn_id', 'speaker_stem', 'response_stem', 'response_text_raw', 'emotion')
+    return [{k: data[i][k] for k in keys} for i in range(min(n, len(data)))]
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Stages: each takes (config, --config flag, its folder) and returns a summary for its stage_done marker
+# Stages: each takes (its config, the Run, its folder) and returns a summary for its stage_done marker
 # ----------------------------------------------------------------------------------------------------------------
 
-def make_data(config, flag, folder):
+def make_data(config, run, folder):
     """A synthetic AvaMERG in the real layout, faces drawn at the demo's resolution."""
     from libs.synthetic import make_dataset
     splits = make_dataset(folder, config.seed, config.demo.dialogues, config.demo.test_dialogues,
@@ -65,156 +84,288 @@ def make_data(config, flag, folder):
     return {name: dict(dialogues=len(d), turns=sum(len(x['turns']) for x in d)) for name, d in splits.items()}
 
 
-def make_components(config, flag, folder):
+def make_components(config, run, folder):
     """Random CLIP text/vision encoders and caption decoder; their tokenizers are learned on the training corpus."""
-    from libs import demo
+    from libs.demo import stages
     with open(os.path.join(config.data.root, 'train.json'), encoding='utf-8') as f:
         dialogues = json.load(f)
     # The last turn's history holds every earlier utterance of the dialogue; its response is the last one.
     corpus = [u['utterance'] for d in dialogues for u in d['turns'][-1]['dialogue_history']]
     corpus += [d['turns'][-1]['response'] for d in dialogues]
-    return demo.build_components(config, corpus, config.seed, config.demo.initial_caption_decoder, resolution(config))
+    return stages.build_components(config, corpus, config.seed, config.demo.initial_caption_decoder,
+                                   resolution(config))
 
 
-def train_codec(config, flag, folder):
+def train_codec(config, run, folder):
     """Train the tiny AutoencoderKL on training faces, save it in the LDM layout, check it through the real loader."""
+    import random
+
     import torch
 
-    from libs import demo
     from libs.autoencoder import ldm_state_dict_from_diffusers, load_autoencoder, to_pil
+    from libs.demo import stages
     cfg, size = config.demo.codec, resolution(config)
-    paths = demo.face_paths(config.data.root, 'train')
-    faces = demo.load_faces(random.Random(config.seed).sample(paths, min(cfg.faces, len(paths))), size)
-    codec, curve = demo.train_codec(config.autoencoder, faces, cfg.steps, cfg.batch_size, cfg.lr, cfg.kl_weight,
-                                    config.seed)
-    correction = demo.normalise_latent_scale(codec, faces)
+    paths = stages.face_paths(config.data.root, 'train')
+    faces = stages.load_faces(random.Random(config.seed).sample(paths, min(cfg.faces, len(paths))), size)
+    codec, curve = stages.train_codec(config.autoencoder, faces, cfg.steps, cfg.batch_size, cfg.lr, cfg.kl_weight,
+                                      config.seed)
+    correction = stages.normalise_latent_scale(codec, faces)
     torch.save(ldm_state_dict_from_diffusers(codec.vae.state_dict()), config.autoencoder.pretrained_path)
     codec = load_autoencoder(config.autoencoder.pretrained_path, config.autoencoder)
-    heldout = demo.load_faces(demo.face_paths(config.data.root, 'test')[:256], size)
+    heldout = stages.load_faces(stages.face_paths(config.data.root, 'test')[:256], size)
     with torch.no_grad():
         mean = codec.encode_moments(heldout).chunk(2, dim=1)[0] * codec.scale_factor
         reconstructed = codec.decode(mean).clamp(-1, 1)
     mse = (reconstructed - heldout).pow(2).mean().item() / 4  # pixels in [-1, 1]: a quarter of the [0, 1] MSE
     shown = 12
     for name, images in (('originals', heldout[:shown]), ('reconstructions', reconstructed[:shown])):
-        strip = to_pil(torch.cat(list(images), dim=2))
-        strip.save(os.path.join(folder, f'{name}.png'))
+        to_pil(torch.cat(list(images), dim=2)).save(os.path.join(folder, f'{name}.png'))
     return dict(curve=curve, scale_correction=correction, heldout_mse=mse,
                 heldout_psnr=10 * torch.log10(torch.tensor(1 / mse)).item(), latent_std=mean.std().item(),
                 params=sum(p.numel() for p in codec.parameters()), faces=len(faces))
 
 
-def extract(config, flag, folder):
-    """Feature caches of both splits (extract_features.py)."""
+def extract(config, run, folder):
+    """Feature caches of every split (extract_features.py)."""
     import extract_features
-    commands = []
+    commands, counts = [], {}
     for split in extract_features.SPLITS:
-        commands.append(command('extract_features.py', flag, f'--split={split}'))
+        commands.append(command('extract_features.py', run.flags['finetune'], f'--split={split}'))
         extract_features.extract(config, split)
-    counts = {}
-    for key in extract_features.SPLITS:
-        with open(os.path.join(config.data[key], 'manifest.json'), encoding='utf-8') as f:
-            counts[key] = json.load(f)['num_pairs']
+        with open(os.path.join(config.data[split], 'manifest.json'), encoding='utf-8') as f:
+            counts[split] = json.load(f)['num_pairs']
     return dict(commands=commands, pairs=counts)
 
 
-def train_caption_decoder(config, flag, folder):
+def train_caption_decoder(config, run, folder):
     """Fine-tune the random caption decoder on the corpus (train_caption_decoder.py); report its round trip."""
     import train_caption_decoder
     initial = config.copy_and_resolve_references()
     initial.workdir, initial.caption_decoder.pretrained_path = folder, config.demo.initial_caption_decoder
-    line = command('train_caption_decoder.py', flag, f'--config.workdir={folder}',
+    line = command('train_caption_decoder.py', run.flags['finetune'], f'--config.workdir={folder}',
                    f'--config.caption_decoder.pretrained_path={config.demo.initial_caption_decoder}')
     report = train_caption_decoder.train(initial)
     return dict(commands=[line], **{k: report[k] for k in ('bleu_before', 'bleu_after', 'loss_curve', 'samples',
                                                                'train_utterances', 'heldout_utterances')})
 
 
-def train_empath(config, flag, folder):
-    """Train EmpathDiffuser (train_empath.py); returns where its final EMA network is."""
+def train_classifier(config, run, folder):
+    """Train the expression classifier on drawn faces; check both instruments on the reference faces and texts."""
+    from safetensors.torch import save_file
+
+    from libs.demo import measure
+    net, classes, curve, heldout = measure.train_expression_classifier(config.demo.classifier, resolution(config),
+                                                                      config.seed)
+    save_file(net.state_dict(), os.path.join(folder, 'expression_classifier.safetensors'))
+    pairs = test_pairs(config, config.demo.eval.pairs)
+    texts = measure.agreement([measure.reaction_of(p['response_text_raw']) for p in pairs],
+                              [measure.prescribed(p['emotion']) for p in pairs])
+    return dict(classes=classes, curve=curve, heldout_rendered_acc=heldout, pairs=len(pairs), reference_texts=texts,
+                **measure.reference_agreement(net, classes, config, pairs, resolution(config)))
+
+
+def pretrain(config, run, folder):
+    """Pre-train a small UniDiffuser (train_empath.py, joint objective) and save it as an official uvit_v1.pth."""
     import train_empath
-    line = command('train_empath.py', flag)
+
+    from libs.demo import stages
+    line = command('train_empath.py', run.flags['pretrain'])
     train_empath.train(config)
-    with open(os.path.join(folder, config.name, 'metrics.jsonl'), encoding='utf-8') as f:
-        curve = [json.loads(line) for line in f]
-    return dict(commands=[line], nnet=final_nnet(config), curve=curve)
+    with open(os.path.join(run_dir(config), 'metrics.jsonl'), encoding='utf-8') as f:
+        curve = [json.loads(record) for record in f]
+    with open(os.path.join(run_dir(config), 'nnet_ema.json'), encoding='utf-8') as f:
+        selected = json.load(f)
+    export = stages.export_official(os.path.join(run_dir(config), 'nnet_ema.safetensors'), config.pretrain.export,
+                                    config.nnet)
+    logger.info('pre-trained UniDiffuser: %s (%d keys, loads strictly into %s)', export['path'], export['keys'],
+                export['loads_strictly_into'])
+    return dict(commands=[line], curve=curve, selected=selected, export=export)
 
 
-def evaluate(config, flag, folder, nnet_path):
-    """eval_avamerg.py on the first held-out pairs; FID only if the standard Inception-v3 weights are here."""
-    from libs import demo, metrics
-    from libs.errors import UserError
-    try:
-        metrics.load_inception(config.eval.inception_path or None)
-        fid_note = None
-    except UserError as err:
-        fid_note = str(err)
-        logger.info('FID skipped: no Inception-v3 weights on this machine (see the report for where to put them)')
+def check_init(config, run, folder):
+    """The fine-tune's initial network (as train_empath.py builds it) against the pre-trained one, on val pairs."""
+    import torch
+
+    from libs import trainer
+    from libs.demo import measure, stages
+    from libs.uvit import build_nnet, load_nnet_weights
+    nnet = os.path.join(folder, 'nnet_init.safetensors')
+    stages.export_initial_nnet(config, nnet)
+    initial, _ = trainer.load_exported_nnet(nnet)
+    pretrained = build_nnet(run.configs['pretrain'].nnet)
+    load_nnet_weights(pretrained, config.train.init_from)
+    with torch.random.fork_rng():
+        difference = measure.output_difference(initial, pretrained, config, config.data.val, config.train.val_pairs)
+    logger.info('fine-tune at step 0 vs the pre-trained network: max |Δε| %.3g with real speaker turns, %.3g with '
+                'none (%d val pairs)', difference['speaker_max'], difference['no_speaker_max'], difference['pairs'])
+    return dict(difference=difference, nnet=nnet)
+
+
+def finetune(config, run, folder):
+    """Fine-tune the pre-trained UniDiffuser into EmpathDiffuser (train_empath.py, avamerg_empath's recipe)."""
+    import torch
+
+    import train_empath
+    from libs import trainer
+    from libs.demo import measure
+    from libs.uvit import build_nnet, load_nnet_weights
+    line = command('train_empath.py', run.flags['finetune'])
+    train_empath.train(config)
+    with open(os.path.join(run_dir(config), 'metrics.jsonl'), encoding='utf-8') as f:
+        curve = [json.loads(record) for record in f]
+    with open(os.path.join(run_dir(config), trainer.EXPORT_INFO), encoding='utf-8') as f:
+        selected = json.load(f)
+    nnet = os.path.join(run_dir(config), trainer.EXPORT)
+    online = os.path.join(run_dir(config), 'ckpts', f'{selected["step"]}.ckpt', 'nnet.safetensors')
+    # How far training moved the network from UniDiffuser: with the speaker, and with no speaker at all.
+    trained, _ = trainer.load_exported_nnet(nnet)
+    pretrained = build_nnet(run.configs['pretrain'].nnet)
+    load_nnet_weights(pretrained, config.train.init_from)
+    with torch.random.fork_rng():
+        difference = measure.output_difference(trained, pretrained, config, config.data.val, config.train.val_pairs)
+    return dict(commands=[line], curve=curve, selected=selected, nnet=nnet, online_nnet=online,
+                difference=difference)
+
+
+def eval_command(config, run, nnet, features, folder, *extra):
+    """The eval_avamerg.py command line of one demo evaluation."""
+    return command('eval_avamerg.py', run.flags['finetune'], f'--nnet_path={nnet}', f'--features={features}',
+                   f'--output_path={folder}', f'--limit={config.demo.eval.pairs}',
+                   f'--batch_size={config.demo.eval.batch_size}', '--skip_fid', *extra)
+
+
+def classifier(run):
+    """The expression classifier of the classifier stage and its classes."""
+    from libs.demo import measure
+    classes = measure.response_expressions()
+    path = os.path.join(run.folder('classifier'), 'expression_classifier.safetensors')
+    return measure.load_classifier(path, len(classes)), classes
+
+
+def read_outputs(config, run, folder):
+    """Both instruments' reading of an evaluation folder."""
+    from libs.demo import measure
+    return measure.read_evaluation(*classifier(run), folder, resolution(config))
+
+
+def evaluate(config, run, folder, nnet, features):
+    """eval_avamerg.py at the config's sampling setting, then both instruments on its outputs."""
     import eval_avamerg
-    cfg = config.demo.eval
-    line = command('eval_avamerg.py', flag, f'--nnet_path={nnet_path}', f'--features={config.data.test}',
-                   f'--output_path={folder}', f'--limit={cfg.pairs}', f'--batch_size={cfg.batch_size}',
-                   *(['--skip_fid'] if fid_note else []))
-    summary = eval_avamerg.evaluate(config, nnet_path, 'test', config.data.test, cfg.pairs, fid_note is not None,
-                                    folder, cfg.batch_size)
-    majority = demo.majority_rates(demo.read_jsonl(os.path.join(folder, 'pairs.jsonl')))
-    return dict(commands=[line], metrics=summary['metrics'], majority=majority, fid_skipped_because=fid_note,
+    line = eval_command(config, run, nnet, features, folder)
+    summary = eval_avamerg.evaluate(config, nnet, 'test', features, config.demo.eval.pairs, True, folder,
+                                    config.demo.eval.batch_size)
+    return dict(commands=[line], metrics=summary['metrics'], reads=read_outputs(config, run, folder),
                 settings={k: summary[k] for k in ('checkpoint', 'samples', 'sample_steps', 'guidance_scale', 'seed')})
 
 
-def evaluate_trained(config, flag, folder):
-    """The trained network's responses to held-out speaker turns."""
-    return evaluate(config, flag, folder, final_nnet(config))
+def trained_nnet(config, online=False) -> str:
+    """The fine-tune's exported EMA network, or the online network of the same checkpoint."""
+    from libs import trainer
+    if not online:
+        return os.path.join(run_dir(config), trainer.EXPORT)
+    with open(os.path.join(run_dir(config), trainer.EXPORT_INFO), encoding='utf-8') as f:
+        return os.path.join(run_dir(config), json.load(f)['checkpoint'], 'nnet.safetensors')
 
 
-def evaluate_untrained(config, flag, folder):
-    """The same evaluation of the network's initial weights: what training is compared with."""
-    from libs import demo
-    nnet = os.path.join(folder, 'nnet_init.safetensors')
-    demo.export_initial_nnet(config, nnet)
-    return evaluate(config, flag, folder, nnet)
+def sweep(config, run, folder):
+    """The fine-tuned network over guidance scales x step counts (eval_avamerg.py --scales --steps), both instruments
+    on every setting; the config's own setting is one of them, the one the learning table reports."""
+    import eval_avamerg
+
+    from libs.demo import measure
+    cfg, nnet = config.demo.sweep, trained_nnet(config)
+    line = eval_command(config, run, nnet, config.data.test, folder,
+                        f'--scales={",".join(f"{s:g}" for s in cfg.scales)}',
+                        f'--steps={",".join(map(str, cfg.steps))}')
+    rows = []
+    for scale in cfg.scales:
+        for steps in cfg.steps:
+            setting = config.copy_and_resolve_references()
+            setting.sample.scale, setting.sample.sample_steps = float(scale), int(steps)
+            name = f'scale{scale:g}_steps{steps}'
+            summary = eval_avamerg.evaluate(setting, nnet, 'test', config.data.test, config.demo.eval.pairs, True,
+                                            os.path.join(folder, name), config.demo.eval.batch_size)
+            m = summary['metrics']
+            rows.append(dict(setting=name, scale=float(scale), steps=int(steps), bleu4=m['bleu4'], bleu2=m['bleu2'],
+                             fine_acc=m['emotion']['fine_acc'], coarse_acc=m['emotion']['coarse_acc'],
+                             dist2=m['dist2'], metrics=m))
+    default = f'scale{config.sample.scale:g}_steps{config.sample.sample_steps}'
+    if default not in [r['setting'] for r in rows]:
+        raise ValueError(f'the sweep {cfg.to_dict()} must contain the config\'s own setting ({default})')
+    for r in rows:
+        r['reads'] = read_outputs(config, run, os.path.join(folder, r['setting']))
+        r.update(face_agreement=r['reads']['face_agreement'], text_agreement=r['reads']['text_agreement'])
+    records = measure.read_jsonl(os.path.join(folder, default, 'pairs.jsonl'))
+    return dict(commands=[line], rows=rows, default=default, majority=measure.majority_rates(records))
 
 
-def classify_expressions(config, flag, folder):
-    """Train the expression classifier on rendered faces and read the generated response faces with it."""
-    from safetensors.torch import save_file
+def shuffled(config, run, folder):
+    """The control: the fine-tuned network answering every test pair's speaker turn from another conversation."""
+    from libs.demo import stages
+    features = os.path.join(folder, 'features')
+    control = stages.shuffle_speakers(config.data.test, features, config.seed)
+    return dict(evaluate(config, run, os.path.join(folder, 'eval'), trained_nnet(config), features), control=control)
 
-    from libs import demo
-    out, size = os.path.dirname(folder), resolution(config)
-    net, classes, curve, heldout = demo.train_expression_classifier(config.demo.classifier, size, config.seed)
-    save_file(net.state_dict(), os.path.join(folder, 'expression_classifier.safetensors'))
-    result = dict(classes=classes, curve=curve, heldout_rendered_acc=heldout,
-                  **demo.reference_agreement(net, classes, config, os.path.join(out, 'eval'), size))
-    for name in ('eval', 'baseline'):
-        result[name] = demo.expression_agreement(net, classes, os.path.join(out, name), size)
-    logger.info('expression read as prescribed: trained %.3f, untrained %.3f, chance %.3f; reference faces %.3f, '
-                'their codec reconstructions %.3f', result['eval']['agreement'], result['baseline']['agreement'],
-                1 / len(classes), result['reference_faces'], result['codec_reconstructions'])
-    return result
+
+def pretrained(config, run, folder):
+    """The control: the fine-tune's starting point (the pre-trained UniDiffuser, zero gates, an untrained head)."""
+    return evaluate(config, run, folder, os.path.join(run.folder('init'), 'nnet_init.safetensors'), config.data.test)
+
+
+def online(config, run, folder):
+    """The online (not averaged) network of the exported checkpoint, against its EMA."""
+    return evaluate(config, run, folder, trained_nnet(config, online=True), config.data.test)
+
+
+def modes(config, run, folder):
+    """UniDiffuser's t2i and i2t with the pre-trained network and with the fine-tuned one (no speaker)."""
+    from libs.demo import measure
+    net, classes = classifier(run)
+    pairs = test_pairs(config, config.demo.modes.samples)
+    result, commands, pre = {}, [], run.configs['pretrain']
+    for name, role, cfg, nnet in (('pretrained', 'pretrain', pre, pre.pretrain.export),
+                                  ('finetuned', 'finetune', config, trained_nnet(config))):
+        commands.append(command('sample_multi.py', run.flags[role], f'--nnet_path={nnet}', '--mode=t2i',
+                                f'--prompt={pairs[0]["response_text_raw"]}'))
+        result[name] = measure.unidiffuser_modes(cfg, nnet, pairs, net, classes, os.path.join(folder, name))
+        logger.info('%s: t2i faces show their utterance\'s reaction %.2f, i2t utterances their face\'s %.2f', name,
+                    result[name]['t2i_agreement'], result[name]['i2t_agreement'])
+    return dict(result, commands=commands)
 
 
 # What the face size (resolution()) is computed from: the stages that draw or encode faces at that size read them.
 SIZE_KEYS = ('z_shape', 'autoencoder.block_out_channels')
+EVAL_KEYS = ('seed', 'sample', 'eval', 'demo.eval')
 STAGES = (
-    # name, function, config keys it reads, stages whose outputs it reads, what it does
-    ('data', make_data, ('seed', 'demo.dialogues', 'demo.test_dialogues', 'demo.listeners', *SIZE_KEYS), (),
-     'writing a synthetic AvaMERG'),
-    ('models', make_components, ('seed', 'clip_text', 'clip_img', 'clip_text_dim', 'clip_img_dim', 'num_text_tokens',
-                                 'caption_decoder', 'demo.initial_caption_decoder', 'demo.tokenizers', *SIZE_KEYS),
-     ('data',),
-     'building tiny random encoders and caption decoder, tokenizers learned on the corpus'),
-    ('codec', train_codec, ('seed', 'autoencoder', 'demo.codec'), ('models',), 'training the tiny AutoencoderKL'),
-    ('features', extract, ('data',), ('codec',), 'encoding every pair with the VAE and CLIP encoders'),
-    ('caption_decoder', train_caption_decoder, ('caption_decoder_train',), ('features',),
+    # name, function, config it reads ('pretrain' or 'finetune'), config keys, stages whose outputs it reads, what
+    ('data', make_data, 'finetune', ('seed', 'demo.dialogues', 'demo.test_dialogues', 'demo.listeners', *SIZE_KEYS),
+     (), 'writing a synthetic AvaMERG'),
+    ('models', make_components, 'finetune', ('seed', 'clip_text', 'clip_img', 'clip_text_dim', 'clip_img_dim',
+                                             'num_text_tokens', 'caption_decoder', 'demo.initial_caption_decoder',
+                                             'demo.tokenizers', *SIZE_KEYS),
+     ('data',), 'building tiny random encoders and caption decoder, tokenizers learned on the corpus'),
+    ('codec', train_codec, 'finetune', ('seed', 'autoencoder', 'demo.codec'), ('models',),
+     'training the tiny AutoencoderKL'),
+    ('features', extract, 'finetune', ('data',), ('codec',), 'encoding every pair with the VAE and CLIP encoders'),
+    ('caption_decoder', train_caption_decoder, 'finetune', ('caption_decoder_train',), ('features',),
      'fine-tuning the caption decoder'),
-    ('train', train_empath, ('seed', 'nnet', 'train', 'optimizer', 'data'), ('caption_decoder',),
-     'training EmpathDiffuser'),
-    ('eval', evaluate_trained, ('seed', 'sample', 'eval', 'demo.eval'), ('train',),
-     'responding to held-out speaker turns'),
-    ('baseline', evaluate_untrained, ('seed', 'nnet', 'train.init_from', 'sample', 'eval', 'demo.eval'),
-     ('caption_decoder',), 'the same evaluation with the untrained network'),
-    ('expression', classify_expressions, ('seed', 'demo.classifier'), ('eval', 'baseline'),
-     'reading the generated faces with an expression classifier'),
+    ('classifier', train_classifier, 'finetune', ('seed', 'demo.classifier', 'demo.eval.pairs'), ('features',),
+     'training the expression classifier (a measuring instrument)'),
+    ('pretrain', pretrain, 'pretrain', ('seed', 'nnet', 'train', 'optimizer', 'data', 'pretrain'),
+     ('caption_decoder',), 'pre-training a small UniDiffuser (joint image-text objective, no speaker)'),
+    ('init', check_init, 'finetune', ('seed', 'nnet', 'train.init_from', 'train.val_pairs', 'data.val'), ('pretrain',),
+     'checking that the fine-tune starts from the pre-trained network'),
+    ('train', finetune, 'finetune', ('seed', 'nnet', 'train', 'optimizer', 'data'), ('init',),
+     'fine-tuning it into EmpathDiffuser (configs/avamerg_empath.py recipe)'),
+    ('eval', sweep, 'finetune', (*EVAL_KEYS, 'demo.sweep'), ('train', 'classifier'),
+     'responding to held-out speaker turns over guidance scales and step counts'),
+    ('shuffled', shuffled, 'finetune', EVAL_KEYS, ('train', 'classifier'),
+     'control: the same network answering shuffled speaker turns'),
+    ('pretrained', pretrained, 'finetune', EVAL_KEYS, ('init', 'classifier'),
+     'control: the fine-tune\'s starting point, the pre-trained network'),
+    ('online', online, 'finetune', EVAL_KEYS, ('train', 'classifier'), 'the online network against its EMA'),
+    ('modes', modes, 'finetune', ('seed', 'sample', 'demo.modes'), ('train', 'classifier'),
+     'UniDiffuser\'s t2i and i2t before and after fine-tuning'),
 )
 
 
@@ -222,23 +373,25 @@ def main(argv=None):
     """Parse the command line, run the stages, write the report; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='out/demo', help='output folder (a rerun reuses its finished stages)')
-    parser.add_argument('--quick', action='store_true', help='shortened schedule (about 8 minutes; the test suite)')
+    parser.add_argument('--quick', action='store_true', help='shortened schedule (the test suite\'s)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of everything, for the run-to-run spread')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-    from libs import demo
+    from libs.demo import report, stages
     from libs.errors import UserError
     out = os.path.abspath(args.out)
-    config, flag = load_config(out, args.quick)
-    stages = [demo.Stage(name, functools.partial(fn, config, flag), keys, deps, what)
-              for name, fn, keys, deps, what in STAGES]
+    run = Run(out, {}, {})
+    for role in ('finetune', 'pretrain'):
+        run.configs[role], run.flags[role] = load_config(out, args.quick, args.seed, pretrain=role == 'pretrain')
+    table = [stages.Stage(name, functools.partial(fn, run.configs[role], run), keys, deps, what, run.configs[role])
+             for name, fn, role, keys, deps, what in STAGES]
     try:
-        markers = demo.run_stages(stages, config, out)
+        markers = stages.run_stages(table, run.configs['finetune'], out)
     except UserError as err:
         logger.error('%s', err)
         return 2
-    summary = demo.write_report(out, config, markers, 'quick' if args.quick else 'full')
-    logger.info('report: %s', os.path.join(out, 'report.html'))
-    logger.info('learning: %s', json.dumps(summary['learning']))
+    summary = report.write_report(out, run.configs['finetune'], markers, 'quick' if args.quick else 'full')
+    print(report.terminal_summary(summary, os.path.join(out, 'report.html')))
     return 0
 
 
