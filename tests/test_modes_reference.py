@@ -14,8 +14,8 @@ in the same order:
   2. at every model call, before any network pass, the noise of the inputs its passes marginalise:
      t2i (true_uncond): text · i2t: z, clip_img · joint: z, clip_img (text-only pass), then text (image-only pass)
      · i: text · t: z, clip_img · empath_t: z, clip_img · empath_i: text · empath and t2i (empty_token): nothing.
-     At scale 0 the unguided modes draw nothing for the pass they skip (i2t and t2i still draw and discard it, which
-     cannot change their own samples, so scale 0 is checked on primitive modes only).
+     At scale 0, joint draws nothing; t2i and i2t still draw their unconditional noise and discard it, which cannot
+     change their own samples but shifts the draws of a following stage, so scale 0 is checked on primitive modes.
   3. a composite mode (i2t2i, t2i2t) makes the draws of its first mode, then those of its second.
 """
 import functools
@@ -204,11 +204,12 @@ class Reference:
         return tuple(f + st * (tx - n) + sf * (f - tx) for f, tx, n in zip(e_full[:3], e_text[:3], e_none[:3]))
 
     def empath(self, turns):
+        unguided = (self.scale == 0 if self.speaker_guidance == 'no_speaker'
+                    else self.scale_text == self.scale_face == 0)
+
         def eps(z, clip_img, text, t):
-            if self.speaker_guidance == 'two_scale' and self.scale_text == self.scale_face == 0:
-                return self.net(z, clip_img, text, t, t, cond=turns['speaker'])[:3]
-            if self.speaker_guidance == 'no_speaker' and self.scale == 0:
-                return self.net(z, clip_img, text, t, t, cond=turns['speaker'])[:3]
+            if unguided:  # one pass, with the given speaker turn
+                return self.net(z, clip_img, text, t_img=t, t_text=t, cond=turns['speaker'])[:3]
             return self.speaker_passes(turns, dict(z=z, clip_img=clip_img, text=text, t_img=t, t_text=t))
         z, clip_img, text = self.solve(eps, Z, (1, DC), TEXT)
         return dict(z=z, clip_img=clip_img, text=text, emotion=self.emotion_of(turns))
