@@ -142,10 +142,7 @@ def generate_batch(comp, base, source, indices, seed):
     moments, clip_img, text = source.speaker(indices)
     # A posterior sample of the speaker latent, as in training, drawn first from each pair's generator.
     z = torch.cat([comp.autoencoder.sample(m[None], generator=g) for m, g in zip(moments, gens)]).to(comp.device)
-    B = len(indices)
-    inputs = dict(speaker=pipeline.speaker_condition(comp, ctx, B, z, clip_img, text),
-                  speaker_absent=pipeline.speaker_condition(comp, ctx, B))
-    out = modes.get_mode('empath')(ctx, inputs)
+    out = modes.get_mode('empath')(ctx, pipeline.speaker_inputs(comp, ctx, len(indices), z, clip_img, text))
     return pipeline.decode_images(comp, out['z']), pipeline.decode_texts(comp, out['text']), out['emotion'].cpu()
 
 
