@@ -288,7 +288,7 @@ def read_dialogues(json_path, require_gold=True):
 
 
 def read_gold(gold_path):
-    """{(conversation_id, turn_id): turn} of a gold file in the AvaMERG schema (ids and gold fields; history optional)."""
+    """{(conversation_id, turn_id): turn} of a gold file in the AvaMERG schema (ids, gold fields, optional history)."""
     gold = {}
     for position, dialogue in enumerate(_load_list(gold_path)):
         cid = _check_conversation_id(dialogue, f'{gold_path}: dialogue #{position}')

@@ -27,7 +27,8 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0, help='same seed, same bytes')
     parser.add_argument('--dialogues', type=int, required=True, help='train dialogues')
     parser.add_argument('--test_dialogues', type=int, default=0, help='test dialogues (written under test/)')
-    parser.add_argument('--videos', action='store_true', help='also write <stem>.mp4 clips (video_v5_0/ in the flat layout)')
+    parser.add_argument('--videos', action='store_true',
+                        help='also write <stem>.mp4 clips (video_v5_0/ in the flat layout)')
     parser.add_argument('--no_frames', action='store_true', help='skip the <stem>.png frames (videos only)')
     parser.add_argument('--size', type=int, default=256, help='face size in pixels (even, >= 32)')
     parser.add_argument('--layout', choices=tuple(LAYOUTS), default='flat', help='where the media folders go')

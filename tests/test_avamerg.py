@@ -389,7 +389,8 @@ def test_equal_ids_across_splits_stay_apart(tmp_path):
     assert {p.pair_id.split('/')[0] for p in test.pairs} == {'test'}
     assert all(p.pair_id == f'train/{p.conversation_id}/{p.turn_id}' for p in train.pairs)
     # Each split reads its own faces for the shared ids.
-    assert all(test.media.frames[p.speaker_stem].startswith(os.path.join(str(tmp_path), 'test', '')) for p in test.pairs)
+    test_frames = os.path.join(str(tmp_path), 'test', '')
+    assert all(test.media.frames[p.speaker_stem].startswith(test_frames) for p in test.pairs)
 
 
 def test_validation_split_is_stable_disjoint_and_covers_train(tmp_path):

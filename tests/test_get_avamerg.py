@@ -128,7 +128,8 @@ def test_complete_release_is_arranged_for_the_reader(source, tmp_path):
         r = check[split]
         assert (r['dialogues'], r['turns'], r['media_needed'], r['media_found'], r['videos_found'],
                 r['frames_found'], r['missing']) == (dialogues, turns, media, media, media, 0, [])
-        assert f'{dialogues} dialogues, {turns} turns ({turns} with a gold response); media {media} of {media}' in stdout
+        line = f'{dialogues} dialogues, {turns} turns ({turns} with a gold response); media {media} of {media}'
+        assert line in stdout
     # Annotations are links into the cache; archives are unpacked where the reader looks; audio is left alone.
     assert os.path.islink(out / 'train.json') and '/blobs/' in os.path.realpath(out / 'train.json')
     assert sorted(os.listdir(out / 'train_video' / 'video_v5_0')) == sorted(
