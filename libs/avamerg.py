@@ -485,6 +485,16 @@ class MediaIndex:
                             'scripts/get_avamerg.py does), or name their folder in media_dirs')
 
 
+def from_config(data_config, split, **kwargs):
+    """The reader of one split as a config's ``data`` section describes it (root, speaker_text, val_fraction, and
+    the optional media_dirs, frames_cache and test_gold); ``kwargs`` adds the text-encoder arguments."""
+    get = data_config.get
+    return AvaMERG(data_config.root, split, speaker_text=get('speaker_text', 'last'),
+                   val_fraction=get('val_fraction', DEFAULT_VAL_FRACTION), media_dirs=tuple(get('media_dirs', ())),
+                   frames_cache=get('frames_cache') or None,
+                   gold_path=(get('test_gold') or None) if split == 'test' else None, **kwargs)
+
+
 class AvaMERG:
     """The pairs of one split whose speaker and response faces exist and decode, with skip and gold statistics."""
 
