@@ -15,7 +15,7 @@ missing pairs. Also written: faces/<split>_<conversation_id>_<turn_id>.png, metr
 confusion_{32,7}.png, grid.png (speaker | generated | reference) and settings.json (the resume guard). A sweep writes
 one such folder per setting (scale<s>_steps<n>/, each generated and scored exactly as a single-setting run with
 --config.sample.scale=<s> --config.sample.sample_steps=<n>, and resumable by itself) and beside them sweep.json,
-sweep.md (the table) and sweep.png (every metric against the scale and against NFE).
+sweep.md (the table), sweep.png and sweep_nfe.png (the metrics against the scale and against NFE).
 
 Pairs without a gold response or label (a test split released without them) are generated like the others; a metric
 that needs gold is computed over the pairs that have it (the report says how many), or reported as not computable.
@@ -38,8 +38,8 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import metrics, modes
-from libs.avamerg import COARSE_7, EMOTIONS_32, AvaMERG, coarse_index, label_index
+from libs import avamerg, figures, metrics, modes
+from libs.avamerg import COARSE_7, EMOTIONS_32, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
 from libs.io import atomic_write_bytes, atomic_write_json, read_rgb
@@ -47,11 +47,11 @@ from libs.io import atomic_write_bytes, atomic_write_json, read_rgb
 logger = logging.getLogger(__name__)
 
 RECORDS, SETTINGS, PART = 'pairs.jsonl', 'settings.json', 'pairs.rank{}.jsonl'
-SWEEP = 'sweep'  # sweep.json, sweep.md and sweep.png beside the setting folders
+SWEEP = 'sweep'  # sweep.json, sweep.md, sweep.png and sweep_nfe.png beside the setting folders
 GRID_ROWS = 8  # pairs shown in grid.png
 TIMING = ('seconds',)  # the record fields that are measurements of this machine, not results
 AUTOCAST_NAMES = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
-# The columns of the sweep table and the panels of sweep.png: (key in a sweep row, heading).
+# The columns of the sweep table: (key in a sweep row, heading); SWEEP_FIGURE: the panels of the figures.
 SWEEP_COLUMNS = (('fid', 'FID'), ('bleu1', 'BLEU-1'), ('bleu2', 'BLEU-2'), ('bleu3', 'BLEU-3'), ('bleu4', 'BLEU-4'),
                  ('sentence_bleu1', 'sent. BLEU-1'), ('sentence_bleu2', 'sent. BLEU-2'),
                  ('sentence_bleu3', 'sent. BLEU-3'), ('sentence_bleu4', 'sent. BLEU-4'), ('dist1', 'Dist-1'),
@@ -67,7 +67,7 @@ NFE_NOTE = ('NFE: U-ViT forward passes per response (counted); each pass evaluat
 
 
 def pair_identity(split, conversation_id, turn_id):
-    """'{split}/{conversation_id}/{turn_id}', the identity libs.avamerg.Pair.pair_id gives a pair."""
+    """'{split}/{conversation_id}/{turn_id}' of a feature cache's pair, the identity libs.avamerg.Pair.pair_id is."""
     return f'{split}/{conversation_id}/{turn_id}'
 
 
@@ -103,10 +103,10 @@ class RawSource:
             raise UserError('config.data.root is not set: point it at the AvaMERG folder (--config.data.root=...) '
                             'or pass --features with an extracted feature cache')
         self.comp, self.root = comp, config.data.root
-        self.reader = AvaMERG(config.data.root, split, speaker_text=config.data.get('speaker_text', 'last'),
-                              history_tokens=comp.clip_text.max_length, count_tokens=comp.clip_text.count_tokens)
+        self.reader = avamerg.from_config(config.data, split, history_tokens=comp.clip_text.max_length,
+                                          count_tokens=comp.clip_text.count_tokens)
         # reference / gold_emotion None: no gold response / label (gold_label is -1 then, and for unknown words).
-        self.pairs = [dict(pair_id=pair_identity(p.split, p.conversation_id, p.turn_id), split=p.split,
+        self.pairs = [dict(pair_id=p.pair_id, split=p.split,
                            conversation_id=p.conversation_id, turn_id=p.turn_id, speaker_stem=p.speaker_stem,
                            response_stem=p.response_stem, speaker_text=p.speaker_text, reference=p.response_text,
                            gold_emotion=p.emotion, gold_label=p.label) for p in self.reader.pairs]
@@ -147,7 +147,7 @@ class FeatureSource:
                                     gold_label=-1 if m['emotion'] is None else label_index(m['emotion']))
                                for m in json.load(f)]
         root = config.data.get('root')
-        self.reader = AvaMERG(root, split) if root and os.path.isdir(root) else None
+        self.reader = avamerg.from_config(config.data, split) if root and os.path.isdir(root) else None
         self.missing_root = root if root and self.reader is None else None
 
     @torch.no_grad()
@@ -328,8 +328,10 @@ def write_figures(out, source, records):
     if any(g >= 0 for g in gold):
         for labels, p, g in ((EMOTIONS_32, pred, gold), (COARSE_7, [coarse_index(x) for x in pred],
                                                          [coarse_index(x) for x in gold])):
-            metrics.plot_confusion_png(metrics.confusion_matrix(p, g, len(labels)), list(labels),
-                                       os.path.join(out, f'confusion_{len(labels)}.png'))
+            matrix = metrics.confusion_matrix(p, g, len(labels))
+            title = f'speaker emotion, {len(labels)}-way ({int(matrix.sum())} labelled pairs)'
+            path = os.path.join(out, f'confusion_{len(labels)}.png')
+            figures.to_png(figures.confusion(matrix, list(labels), title), path)
     from libs.pipeline import make_grid
     faces = [face for r in records[:GRID_ROWS] for face in (
         source.face(r['index'], 'speaker'), read_rgb(os.path.join(out, r['face'])), source.face(r['index'], 'response'))]
@@ -567,8 +569,8 @@ def sweep_table(rows):
 
 
 def write_sweep(out, rows, summaries):
-    """sweep.json (rows and shared settings), sweep.md (the table) and sweep.png (every metric vs scale and NFE)."""
-    from libs.figures import sweep_figure
+    """sweep.json (rows and shared settings), sweep.md (the table), sweep.png and sweep_nfe.png (the metrics against
+    the guidance scale and against NFE)."""
     first = summaries[0]
     shared = {k: first[k] for k in ('checkpoint', 'split', 'source', 'samples', 'gold', 'speaker_guidance', 'sampler',
                                     'skip_type', 'seed', 'autocast', 'caption_decoder', 'not_computed')}
@@ -585,7 +587,13 @@ def write_sweep(out, rows, summaries):
              f'{first["run"]["batch_size"]} on {first["run"]["device"]})', '',
              sweep_table(rows), '', 'Each setting\'s folder holds its pairs, report.md, metrics.json and figures.']
     atomic_write_bytes(os.path.join(out, f'{SWEEP}.md'), ('\n'.join(lines) + '\n').encode('utf-8'))
-    sweep_figure(rows, SWEEP_FIGURE, os.path.join(out, f'{SWEEP}.png'), labels=dict(SWEEP_COLUMNS))
+    labels = dict(SWEEP_COLUMNS, scale='guidance scale', nfe='NFE')
+    # Against the scale (a line per step count) and against NFE (a line per scale), where each has several values.
+    plots = [(x, group, name) for x, group, name in (('scale', 'steps', SWEEP), ('nfe', 'scale', f'{SWEEP}_nfe'))
+             if len({r[x] for r in rows}) > 1] or [('scale', 'steps', SWEEP)]
+    for x, group, name in plots:
+        figures.to_png(figures.sweep(rows, SWEEP_FIGURE, x=x, group=group, labels=labels),
+                       os.path.join(out, f'{name}.png'))
 
 
 def evaluate_sweep(config, scales=None, steps=None, nnet_path=None, split='test', features=None, limit=None,
@@ -618,7 +626,7 @@ def define_flags():
     flags.DEFINE_string('output_path', 'out/eval', 'output folder (a rerun resumes in it)')
     flags.DEFINE_integer('batch_size', 16, 'pairs per sampling batch and process', lower_bound=1)
     flags.DEFINE_list('scales', None, 'sweep these guidance scales (config.sample.scale), e.g. 1,3,5,7: one folder '
-                      'per setting under --output_path, plus sweep.md / sweep.json / sweep.png')
+                      'per setting under --output_path, plus sweep.md / .json / .png / _nfe.png')
     flags.DEFINE_list('steps', None, 'sweep these step counts (config.sample.sample_steps), e.g. 10,20,50; with '
                       '--scales every combination')
 

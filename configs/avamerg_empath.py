@@ -51,6 +51,9 @@ def empath(config, features='features/avamerg_512'):
         root='data/avamerg',                  # AvaMERG: train.json, test/test.json, image_v5_0/ or video_v5_0/
         speaker_text='last',                  # 'last' speaker utterance, or the 'history' cut from the left to fit
         val_fraction=0.02,                    # conversations of train.json held out (stable hash of the id) as 'val'
+        media_dirs=(),                        # extra folders holding the frames/videos (libs.avamerg.MEDIA_DIRS: known ones)
+        frames_cache='',                      # where frames taken from videos are cached ('' = beside the videos)
+        test_gold='',                         # a separate gold file for a test.json without responses/labels
         shard_size=1024,                      # pairs per feature shard (extract_features.py)
         batch_size=64,                        # pairs per encoder batch (extract_features.py)
         # Feature caches per split (extract_features.py --split=train|val|test). Training reads train and selects

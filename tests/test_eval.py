@@ -3,7 +3,6 @@ written records, features vs raw data, resuming, sweeps vs single runs, gold-les
 FID / exit-code paths."""
 import collections
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -35,8 +34,6 @@ BATCH = 2
 K = 3  # informative dimensions of the stand-in Inception (mean R, G, B); the other 2045 are exactly zero
 SWEEP_PAIRS = 4
 _frechet_distance = metrics.frechet_distance
-GOLDLESS_READER = ('libs.avamerg does not accept test turns without a gold response / speaker_emotion yet (Pair with '
-                   'response_text None, emotion None, label -1: the reader work of branch data)')
 
 
 class StandInInception(torch.nn.Module):
@@ -371,12 +368,13 @@ def test_sweep_rows_equal_single_runs(sweep, baseline, tiny_models, data, incept
     assert sum(line.startswith('| scale') for line in table.splitlines()) == 4 and 'NFE' in table
     assert '| scale2_steps2 | 2 | 2 | 2 |' in table
     assert json.loads((out / 'sweep.json').read_text())['rows'] == json.loads(json.dumps(rows))
-    assert Image.open(out / 'sweep.png').format == 'PNG'
-    # Rerunning resumes every setting: nothing is generated again.
+    assert Image.open(out / 'sweep.png').format == Image.open(out / 'sweep_nfe.png').format == 'PNG'
+    # A setting's folder resumes as a single run with that setting: nothing is generated again.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(eval_avamerg, 'generate_batch', None)
-        again = run(tiny_models, data, inception, out, sweep=([7, 2], [4, 2]), limit=SWEEP_PAIRS)
-    assert again == rows
+        again = run(tiny_models, data, inception, out / 'scale2_steps2', sample=dict(scale=2.0, sample_steps=2),
+                    limit=SWEEP_PAIRS)
+    assert again['metrics'] == alone['metrics'] and again['run']['resumed'] == SWEEP_PAIRS
 
 
 def test_sweep_settings_and_two_scale(tiny_models, data, tmp_path):
@@ -399,19 +397,6 @@ def test_sweep_settings_and_two_scale(tiny_models, data, tmp_path):
     assert (m['speaker_guidance'], m['guidance_scale'], m['scale_text'], m['scale_face']) == ('two_scale', None, 3, 1.5)
     assert m['guidance_branches'] == 3  # speaker, utterance only, no speaker: one forward
     assert 'two_scale, scale_text 3, scale_face 1.5' in (tmp_path / 'steps2' / 'report.md').read_text()
-
-
-def test_sweep_figure_panels(tmp_path):
-    from libs.figures import DPI, PANEL_INCHES, sweep_figure
-    rows = [dict(scale=s, steps=n, nfe=n, bleu4=s * n, fid=None) for s in (1, 3) for n in (10, 20, 50)]
-    png = sweep_figure(rows, ['bleu4', 'fid'], str(tmp_path / 'sweep.png'))
-    assert (tmp_path / 'sweep.png').read_bytes() == png
-    # Two metrics x (vs scale, vs NFE); one scale only: the NFE column alone.
-    assert Image.open(tmp_path / 'sweep.png').size == (2 * PANEL_INCHES[0] * DPI, 2 * PANEL_INCHES[1] * DPI)
-    assert Image.open(io.BytesIO(sweep_figure(rows[:3], ['bleu4']))).size == (PANEL_INCHES[0] * DPI,
-                                                                               PANEL_INCHES[1] * DPI)
-    with pytest.raises(ValueError, match='nfe'):
-        sweep_figure([dict(scale=1, steps=2)], ['bleu4'])
 
 
 def test_features_without_gold(tiny_models, data, features, tmp_path):
@@ -448,10 +433,10 @@ def test_features_without_gold(tiny_models, data, features, tmp_path):
     assert not (tmp_path / 'none' / 'confusion_32.png').exists()
 
 
-@pytest.mark.xfail(reason=GOLDLESS_READER, strict=True)
 def test_raw_test_split_without_gold(tiny_models, tmp_path):
     root = tmp_path / 'avamerg'
-    make_dataset(str(root), seed=11, dialogues=1, test_dialogues=2, size=64)
+    # Test conversations reuse the train ids: the pair identity (and so the noise and the face files) has the split.
+    make_dataset(str(root), seed=11, dialogues=2, test_dialogues=2, size=64, test_ids='train')
     test_json = root / 'test' / 'test.json'
     dialogues = json.loads(test_json.read_text())
     first = dialogues[0]['conversation_id']
@@ -459,10 +444,14 @@ def test_raw_test_split_without_gold(tiny_models, tmp_path):
     summary = eval_avamerg.evaluate(tiny_config(tiny_models, str(root)), skip_fid=True, batch_size=BATCH,
                                     output_path=str(tmp_path / 'out'))
     records = read_jsonl(tmp_path / 'out' / 'pairs.jsonl')
+    train_ids = {d['conversation_id'] for d in json.loads((root / 'train.json').read_text())}
+    assert {r['conversation_id'] for r in records} <= train_ids
+    assert all(r['pair_id'].startswith('test/') and r['face'].startswith('faces/test_') for r in records)
     with_gold = [r for r in records if r['conversation_id'] == first]
     assert 0 < len(with_gold) < len(records) == summary['samples']
     assert all(r['reference'] is None and r['gold_label'] == -1 for r in records if r['conversation_id'] != first)
     assert summary['gold']['response'] == summary['metrics']['bleu_pairs'] == len(with_gold)
+    assert summary['metrics']['emotion']['n'] == sum(r['gold_label'] >= 0 for r in with_gold)
 
 
 def test_two_processes_equal_one(baseline, tiny_models, data, inception, tmp_path):
