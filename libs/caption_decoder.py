@@ -201,7 +201,7 @@ def decode_beams(tokenizer, beams: Beams) -> List[str]:
             for i in order.tolist()]
 
 
-def load_gpt2_tokenizer(path_or_id='gpt2', vocab_size=None, local_files_only=True):
+def load_gpt2_tokenizer(path_or_id=hub.GPT2_REPO, vocab_size=None, local_files_only=True):
     """GPT-2 tokenizer plus the <|EOS|> token, checked to be complete (and of `vocab_size` if given)."""
     path_or_id = hub.local_path(path_or_id, 'gpt2_tokenizer', local_files_only, 'GPT-2 tokenizer')
     try:
@@ -218,7 +218,7 @@ def load_gpt2_tokenizer(path_or_id='gpt2', vocab_size=None, local_files_only=Tru
     return tokenizer
 
 
-def load_caption_decoder(path, tokenizer_path_or_id='gpt2', local_files_only=True, *, config, device='cpu'):
+def load_caption_decoder(path, tokenizer_path_or_id=hub.GPT2_REPO, local_files_only=True, *, config, device='cpu'):
     """Build the decoder from `config` (e.g. configs.common's `caption_decoder`) and load `path` strictly."""
     tokenizer = load_gpt2_tokenizer(tokenizer_path_or_id, config['gpt2']['vocab_size'], local_files_only)
     decoder = CaptionDecoder(config, tokenizer)

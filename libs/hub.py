@@ -390,15 +390,19 @@ def resolve(parts: Sequence[Part], config=None, cache_dir=None) -> List[str]:
 
 def missing_message(missing: List[Missing], total: int, offline: bool) -> str:
     """One message for every missing component: what, where it was looked for, and the command that gets it."""
-    count = f'All {total}' if len(missing) == total else f'{len(missing)} of the {total}'
-    lines = [f'{count} pretrained components this run needs are missing (nothing was loaded):']
+    if total == 1:
+        lines = ['A pretrained component is missing:']
+    else:
+        count = f'All {total}' if len(missing) == total else f'{len(missing)} of the {total}'
+        lines = [f'{count} pretrained components this run needs are missing (nothing was loaded):']
     for m in missing:
-        lines.append(f'- {m.part.what} ({m.part.key}={m.part.ref}): {m.detail}')
+        where = f'{m.part.key}={m.part.ref}' if m.part.key else m.part.ref
+        lines.append(f'- {m.part.what} ({where}): {m.detail}')
         if m.command:
             lines.append(f'    {m.command}')
         if m.note:
             lines.append(f'    {m.note}')
-    blocked = sorted(m.part.key for m in missing if m.part.local_files_only and m.command)
+    blocked = sorted(m.part.key or m.part.ref for m in missing if m.part.local_files_only and m.command)
     if offline and any(m.command for m in missing):
         lines.append('HF_HUB_OFFLINE=1, so nothing was downloaded: run the commands where the Hub is reachable (they '
                      'fill the Hugging Face cache, which can be copied here), or unset HF_HUB_OFFLINE.')
@@ -425,4 +429,4 @@ def local_path(ref: str, kind: str = 'file', local_files_only: bool = False, wha
     through unchanged, for the caller's own checks."""
     if parse(ref, folder=kind != 'file') is None:
         return ref
-    return resolve([Part(what, what, ref, kind, local_files_only)])[0]
+    return resolve([Part(what, '', ref, kind, local_files_only)])[0]
