@@ -69,8 +69,10 @@ def unidiffuser(version='v1'):
     config.nnet_path = hub(repo, revision, f'uvit_{version}.pth')
     # The official sampler: DPM-Solver++ 'fast' on a time-uniform grid (what dpm_solver_pp.sample defaults to;
     # skip_type='logSNR' is more accurate at few steps but is not what the official results used).
+    # The empath modes guide over the speaker turn: against no speaker with `scale` ('no_speaker'), or with a
+    # scale for the utterance and one for the face ('two_scale', InstructPix2Pix; libs.diffusion.cfg_two_scale).
     config.sample = d(sample_steps=50, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast',
-                      skip_type='time_uniform')
+                      skip_type='time_uniform', speaker_guidance='no_speaker', scale_text=7., scale_face=7.)
     return config
 
 
