@@ -116,9 +116,9 @@ def describe(requirements) -> str:
 
 
 def download_command(repo_id: str, files: Sequence[str] = (), revision: Optional[str] = None,
-                     local_dir: Optional[str] = None) -> str:
+                     local_dir: Optional[str] = None, repo_type: str = 'model') -> str:
     """The ``hf download`` command line that fetches files of a repository (into the cache, or into local_dir)."""
-    args = ['hf', 'download', repo_id, *files]
+    args = ['hf', 'download', repo_id, *files] + (['--repo-type', repo_type] if repo_type != 'model' else [])
     if revision and revision != 'main':
         args += ['--revision', revision]
     if local_dir:
