@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import figures, metrics, modes
+from libs import figures, logs, metrics, modes
 from libs.avamerg import COARSE_7, EMOTIONS_32, AvaMERG, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
@@ -277,9 +277,10 @@ def evaluate(config, nnet_path=None, split='test', features=None, limit=None, sk
              batch_size=16):
     """Generate the split's missing responses, then score every pair; returns metrics.json's dict (None off-main)."""
     from accelerate import Accelerator
-    from libs import pipeline
+    from libs import hub, pipeline
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UserError(f'--batch_size={batch_size} and --limit={limit} must be at least 1')
+    hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
     acc, started = Accelerator(), time.time()
     nnet_path = nnet_path or config.nnet_path
     inception_path = config.get('eval', {}).get('inception_path') or None
@@ -359,6 +360,7 @@ def define_flags():
     flags.DEFINE_bool('skip_fid', False, 'do not compute FID (needed when no Inception-v3 weights are available)')
     flags.DEFINE_string('output_path', 'out/eval', 'output folder (a rerun resumes in it)')
     flags.DEFINE_integer('batch_size', 16, 'pairs per sampling batch and process', lower_bound=1)
+    logs.define_flags()
 
 
 def main(argv):
@@ -367,6 +369,7 @@ def main(argv):
     args = flags.FLAGS
     if args.config is None:
         raise app.UsageError('--config is required, e.g. --config=configs/avamerg_empath.py')
+    logs.setup(args.verbose)
     try:
         summary = evaluate(args.config, args.nnet_path, args.split, args.features, args.limit, args.skip_fid,
                            args.output_path, args.batch_size)
@@ -382,4 +385,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=logs.parse_flags)
