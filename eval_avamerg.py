@@ -38,7 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import avamerg, figures, metrics, modes
+from libs import avamerg, figures, logs, metrics, modes
 from libs.avamerg import COARSE_7, EMOTIONS_32, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
@@ -69,6 +69,12 @@ NFE_NOTE = ('NFE: U-ViT forward passes per response (counted); each pass evaluat
 def pair_identity(split, conversation_id, turn_id):
     """'{split}/{conversation_id}/{turn_id}' of a feature cache's pair, the identity libs.avamerg.Pair.pair_id is."""
     return f'{split}/{conversation_id}/{turn_id}'
+
+
+def location(ref):
+    """A weights reference as settings record it: an hf:// reference as written, a local path made absolute."""
+    from libs.hub import HF_PREFIX
+    return ref if ref.startswith(HF_PREFIX) else os.path.abspath(ref)
 
 
 def face_name(pair_id):
@@ -412,9 +418,10 @@ class Evaluation:
 def prepare(config, nnet_path=None, split='test', features=None, limit=None, skip_fid=False, batch_size=16):
     """Load the networks and the split's speaker turns once for every setting (FID's network unless skip_fid)."""
     from accelerate import Accelerator
-    from libs import pipeline
+    from libs import hub, pipeline
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UserError(f'--batch_size={batch_size} and --limit={limit} must be at least 1')
+    hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
     acc = Accelerator()
     nnet_path = nnet_path or config.nnet_path
     inception_path = config.get('eval', {}).get('inception_path') or None
@@ -444,8 +451,8 @@ def run_settings(ev, config, ctx):
         guidance.update(scale_text=float(ctx.scale_text), scale_face=float(ctx.scale_face))
     else:
         guidance.update(guidance_scale=float(ctx.scale))
-    return dict(checkpoint=os.path.abspath(ev.nnet_path), split=ev.split, source=os.path.abspath(ev.source.root),
-                caption_decoder=os.path.abspath(config.caption_decoder.pretrained_path), **guidance,
+    return dict(checkpoint=location(ev.nnet_path), split=ev.split, source=os.path.abspath(ev.source.root),
+                caption_decoder=location(config.caption_decoder.pretrained_path), **guidance,
                 sample_steps=int(ctx.steps), sampler=config.sample.sampler, skip_type=config.sample.skip_type,
                 seed=config.seed, autocast=AUTOCAST_NAMES.get(ctx.autocast_dtype, str(ctx.autocast_dtype)))
 
@@ -629,6 +636,7 @@ def define_flags():
                       'per setting under --output_path, plus sweep.md / .json / .png / _nfe.png')
     flags.DEFINE_list('steps', None, 'sweep these step counts (config.sample.sample_steps), e.g. 10,20,50; with '
                       '--scales every combination')
+    logs.define_flags()
 
 
 def parse_list(values, kind, name):
@@ -647,6 +655,7 @@ def main(argv):
     args = flags.FLAGS
     if args.config is None:
         raise app.UsageError('--config is required, e.g. --config=configs/avamerg_empath.py')
+    logs.setup(args.verbose)
     common = dict(nnet_path=args.nnet_path, split=args.split, features=args.features, limit=args.limit,
                   skip_fid=args.skip_fid, output_path=args.output_path, batch_size=args.batch_size)
     try:
@@ -671,4 +680,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=logs.parse_flags)

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from safetensors import safe_open
 from tqdm import tqdm
 
+from libs import hub, logs
 from libs.autoencoder import center_crop_resize, load_autoencoder, to_tensor_m11
 from libs import avamerg
 from libs.clip_encoders import CLIPImageEncoder, CLIPTextEncoder
@@ -193,6 +194,7 @@ def finish(out, reader, num_pairs, shard_size, settings, info):
 def extract(config, split='train', overwrite=False, limit=None):
     """Encode the split's pairs into the feature folder of config.data; returns that folder."""
     out, state = check_config(config, split), Accelerator()
+    hub.preflight(config, ('autoencoder', 'clip_text', 'clip_img'))
     encoders, hashes = load_encoders(config, state.device)
     resolution = config.z_shape[-1] * 2 ** (len(config.autoencoder.block_out_channels) - 1)
     text_encoder = encoders[1]
@@ -259,6 +261,7 @@ def define_flags():
                       'held-out conversations), val (those), test (test/test.json)')
     flags.DEFINE_bool('overwrite', False, 'delete features made with other settings in the output folder and restart')
     flags.DEFINE_integer('limit', None, 'encode only the first N pairs (smoke tests)', lower_bound=1)
+    logs.define_flags()
 
 
 def main(argv):
@@ -267,6 +270,7 @@ def main(argv):
     args = flags.FLAGS
     if args.config is None:
         raise app.UsageError('--config is required, e.g. --config=configs/avamerg_empath.py')
+    logs.setup(args.verbose)
     try:
         extract(args.config, args.split, args.overwrite, args.limit)
     except UserError as err:
@@ -276,4 +280,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=logs.parse_flags)

@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import d, unidiffuser  # noqa: E402
+from common import UNIDIFFUSER_V1, d, hub, unidiffuser  # noqa: E402
 
 
 def empath(config, features='features/avamerg_512'):
@@ -18,7 +18,8 @@ def empath(config, features='features/avamerg_512'):
     config.log_with = 'tensorboard'           # 'tensorboard', 'wandb' (offline unless WANDB_MODE says otherwise) or ''
     config.nnet.update(name='uvit_empath', num_emotions=32)
     config.train = d(
-        init_from='models/uvit_v1.pth',       # official (or fine-tuned) U-ViT weights; '' trains from scratch
+        # official (or fine-tuned) U-ViT weights; '' trains from scratch
+        init_from=hub(UNIDIFFUSER_V1, config.revisions.get_ref('unidiffuser'), 'uvit_v1.pth'),
         resume=True,                          # continue from the newest complete checkpoint of the run folder
         n_steps=20000,
         batch_size=64,                        # pairs per optimizer step, over all processes and accumulation steps

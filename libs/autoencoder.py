@@ -16,6 +16,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
+from libs import hub
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -24,8 +25,10 @@ VAE_CONFIG_KEYS = ('in_channels', 'out_channels', 'latent_channels', 'block_out_
                    'norm_num_groups', 'scale_factor')
 # Bounds the official posterior puts on log-variance before sampling (LDM's DiagonalGaussianDistribution).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-WHERE_TO_GET = ('download autoencoder_kl.pth from the thu-ml/unidiffuser-v1 repository on the Hugging Face hub '
-                '(`huggingface-cli download thu-ml/unidiffuser-v1 autoencoder_kl.pth --local-dir models`) into models/')
+WHERE_TO_GET = (f'the official file is {hub.HF_PREFIX}{hub.UNIDIFFUSER_V1}/autoencoder_kl.pth (fetched into the '
+                'Hugging Face cache when given as the path), or run '
+                f'`{hub.download_command(hub.UNIDIFFUSER_V1, ["autoencoder_kl.pth"], local_dir="models")}` '
+                'for models/autoencoder_kl.pth')
 
 
 def sd_vae_config():
@@ -135,11 +138,12 @@ def _check_layout(sd, expected, path):
                                     ('shape mismatches', shapes)) if found]
     if problems:
         raise UserError(f'autoencoder checkpoint {path} does not match the configured VAE: '
-                        + '; '.join(problems) + f'. Use the official file ({WHERE_TO_GET}) with sd_vae_config().')
+                        + '; '.join(problems) + f'. Use the official file with sd_vae_config(): {WHERE_TO_GET}.')
 
 
 def load_autoencoder(path, vae_config, device='cpu'):
-    """Build the VAE from `vae_config` and load the LDM-layout checkpoint at `path` strictly."""
+    """Build the VAE from `vae_config` and load the LDM-layout checkpoint at `path` (or hf:// reference) strictly."""
+    path = hub.local_path(path, what='autoencoder weights')
     if not os.path.isfile(path):
         raise UserError(f'autoencoder weights not found at {path}: {WHERE_TO_GET}')
     sd = _read_state_dict(path)

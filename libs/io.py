@@ -9,10 +9,13 @@ import torch
 from PIL import Image
 
 from libs.errors import UserError
+from libs.hub import local_path
 
 
 def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -> Dict[str, torch.Tensor]:
-    """Load a flat tensor dict from .safetensors or a .pth/.pt/.ckpt file, never unpickling arbitrary objects."""
+    """Load a flat tensor dict from .safetensors or a .pth/.pt/.ckpt file (local, or an ``hf://`` reference, see
+    libs/hub.py), never unpickling arbitrary objects."""
+    path = local_path(path, what=what)
     if not os.path.isfile(path):
         hint = f' {how_to_get}' if how_to_get else ''
         raise UserError(f'{what} not found: {path}.{hint}')
