@@ -114,9 +114,11 @@ def current_umask():
 
 
 def strip_gold(dialogues, keep):
-    """The dialogues with the gold response and chain_of_empathy removed from every turn for which keep(turn) is False."""
-    return [dict(d, turns=[t if keep(d, t) else {k: v for k, v in t.items() if k not in ('response', 'chain_of_empathy')}
-                           for t in d['turns']]) for d in dialogues]
+    """The dialogues without the gold response and chain_of_empathy in every turn for which keep(dialogue, turn) is
+    False."""
+    gold = ('response', 'chain_of_empathy')
+    return [dict(d, turns=[t if keep(d, t) else {k: v for k, v in t.items() if k not in gold} for t in d['turns']])
+            for d in dialogues]
 
 
 def shard_metadata(folder):
@@ -179,7 +181,11 @@ def test_score_against_independent_counts():
     assert s['bleu_pairs'] == 3 and s['bleu4'] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
     assert {f'bleu{n}': s[f'bleu{n}'] for n in range(1, 5)} == metrics.corpus_bleu_n(hyps, refs)  # gold pairs only
     # Sentence BLEU: every text is one sentence, so str.split after spacing the punctuation gives nltk's tokens.
-    words = lambda t: t.lower().replace(',', ' ,').replace('?', ' ?').replace('!', ' !').replace('.', ' .').split()  # noqa: E731
+    def words(text):
+        for mark in ',?!.':
+            text = text.replace(mark, f' {mark}')
+        return text.lower().split()
+
     for n in range(1, 5):
         expected = np.mean([sentence_bleu([words(r)], words(h), weights=(1 / n,) * n,
                                           smoothing_function=SmoothingFunction().method1) for h, r in zip(hyps, refs)])
@@ -230,8 +236,8 @@ def test_raw_eval_writes_every_artefact_and_scores_it(baseline, data, inception)
     assert saved['checkpoint'].endswith('uvit_empath.pth') and saved['run']['generated'] == n
     assert saved['seconds_per_pair'] == pytest.approx(np.mean([r['seconds'] for r in records]), abs=1e-4)
     report = (out / 'report.md').read_text()
-    for text in (saved['checkpoint'], f'- samples: {n} pairs', 'no_speaker, scale 7', '4 steps, NFE 4', 'autocast: fp32',
-                 saved['caption_decoder'], 'sacreBLEU corpus BLEU', 'sentence-averaged',
+    for text in (saved['checkpoint'], f'- samples: {n} pairs', 'no_speaker, scale 7', '4 steps, NFE 4',
+                 'autocast: fp32', saved['caption_decoder'], 'sacreBLEU corpus BLEU', 'sentence-averaged',
                  saved['metrics']['sacrebleu']['signature']):
         assert text in report, text
     for name in ('confusion_32.png', 'confusion_7.png'):
