@@ -375,7 +375,9 @@ def write_report(out, summary):
         f'{summary["nfe"]} with {summary["guidance_branches"]} guidance branches per forward ({NFE_NOTE})',
         f'- seconds per pair: {fmt(summary["seconds_per_pair"])} (generation: speaker encoding, sampling and decoding, '
         f'batches of {summary["run"]["batch_size"]} on {summary["run"]["device"]})',
-        f'- seed: {summary["seed"]}; autocast: {summary["autocast"]}; caption decoder: {summary["caption_decoder"]}',
+        f'- seed: {summary["seed"]}; autocast: {summary["autocast"]}'
+        + (f' (config.sample.precision={summary["precision"]})' if summary['precision'] else '')
+        + f'; caption decoder: {summary["caption_decoder"]}',
         '', '## Metrics', '',
         f'- FID: {fmt(m["fid"])} ({summary["fid_note"]})',
         f'- BLEU-1 / 2 / 3 / 4, sacreBLEU corpus BLEU (BLEU-n with max_ngram_order=n; `'
@@ -454,7 +456,8 @@ def run_settings(ev, config, ctx):
     return dict(checkpoint=location(ev.nnet_path), split=ev.split, source=os.path.abspath(ev.source.root),
                 caption_decoder=location(config.caption_decoder.pretrained_path), **guidance,
                 sample_steps=int(ctx.steps), sampler=config.sample.sampler, skip_type=config.sample.skip_type,
-                seed=config.seed, autocast=AUTOCAST_NAMES.get(ctx.autocast_dtype, str(ctx.autocast_dtype)))
+                seed=config.seed, precision=config.sample.get('precision'),  # the setting; None in configs without it
+                autocast=AUTOCAST_NAMES.get(ctx.autocast_dtype, str(ctx.autocast_dtype)))  # the dtype that ran
 
 
 def evaluate_setting(ev, config, out):
@@ -580,7 +583,7 @@ def write_sweep(out, rows, summaries):
     the guidance scale and against NFE)."""
     first = summaries[0]
     shared = {k: first[k] for k in ('checkpoint', 'split', 'source', 'samples', 'gold', 'speaker_guidance', 'sampler',
-                                    'skip_type', 'seed', 'autocast', 'caption_decoder', 'not_computed')}
+                                    'skip_type', 'seed', 'precision', 'autocast', 'caption_decoder', 'not_computed')}
     atomic_write_json(os.path.join(out, f'{SWEEP}.json'), dict(shared, notes=[BLEU_NOTE, NFE_NOTE], rows=rows))
     g = shared['gold']
     lines = ['# EmpathDiffuser on AvaMERG: guidance scale and steps sweep', '',
@@ -588,7 +591,9 @@ def write_sweep(out, rows, summaries):
              f'- samples: {first["samples"]} pairs per setting; {g["response"]} with a gold response, {g["label"]} '
              'with a gold label among the 32 emotions',
              f'- guidance: {first["speaker_guidance"]}; sampler: {first["sampler"]} ({first["skip_type"]})',
-             f'- seed: {first["seed"]}; autocast: {first["autocast"]}; caption decoder: {first["caption_decoder"]}',
+             f'- seed: {first["seed"]}; autocast: {first["autocast"]}'
+             + (f' (config.sample.precision={first["precision"]})' if first['precision'] else '')
+             + f'; caption decoder: {first["caption_decoder"]}',
              *[f'- not computed: {k}: {why}' for k, why in first['not_computed'].items()],
              f'- {BLEU_NOTE}', f'- {NFE_NOTE}; s / pair: seconds of generation per pair (batches of '
              f'{first["run"]["batch_size"]} on {first["run"]["device"]})', '',
