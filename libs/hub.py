@@ -116,9 +116,14 @@ def describe(requirements) -> str:
 
 
 def download_command(repo_id: str, files: Sequence[str] = (), revision: Optional[str] = None,
-                     local_dir: Optional[str] = None, repo_type: str = 'model') -> str:
-    """The ``hf download`` command line that fetches files of a repository (into the cache, or into local_dir)."""
+                     local_dir: Optional[str] = None, repo_type: str = 'model', include: Sequence[str] = (),
+                     exclude: Sequence[str] = ()) -> str:
+    """The ``hf download`` command line that fetches files (or glob patterns) of a repository (into the cache, or
+    into local_dir)."""
     args = ['hf', 'download', repo_id, *files] + (['--repo-type', repo_type] if repo_type != 'model' else [])
+    for option, patterns in (('--include', include), ('--exclude', exclude)):
+        for pattern in patterns or ():
+            args += [option, pattern]
     if revision and revision != 'main':
         args += ['--revision', revision]
     if local_dir:

@@ -31,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 from libs.avamerg import (FRAME_SUFFIXES, VIDEO_SUFFIX, MediaIndex, annotation_path, iter_pairs,  # noqa: E402
                           read_dialogues)
 from libs.errors import UserError  # noqa: E402
+from libs.hub import download_command  # noqa: E402
 
 RELEASE_REPO, FRAMES_REPO = 'ZhangHanXD/AvaMERG', 'SIChoi/AvaMERG_frame'
 AUDIO = ['*audio*', '*.wav']
@@ -54,9 +55,7 @@ def wanted(frames):
 
 def hf_command(repo, revision, files=(), include=None, exclude=None):
     """The `hf download` command line that fetches these files (or patterns) of a dataset repository."""
-    parts = ['hf download', repo, *files, '--repo-type dataset']
-    parts += [f"--include '{p}'" for p in include or ()] + [f"--exclude '{p}'" for p in exclude or ()]
-    return ' '.join(parts + ([f'--revision {revision}'] if revision else []))
+    return download_command(repo, files, revision, repo_type='dataset', include=include or (), exclude=exclude or ())
 
 
 def missing_from_snapshot(repo, revision, folder, allow, ignore):
