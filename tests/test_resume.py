@@ -119,10 +119,6 @@ def test_two_process_checkpoint_resumed_by_one_process(tiny_root, uninterrupted,
     assert_continues(uninterrupted, os.path.join(tmp_path, 'avamerg_tiny'), written_by=2, resumed_by=1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    'libs/trainer.py load_checkpoint loads nnet_ema.safetensors with device=str(accelerator.device), which is '
-    '"cpu:0" in a multi-process CPU run; safetensors rejects it ("device cpu:0 is invalid"), so resuming '
-    'under DDP on CPUs fails. Loading to the default CPU device (load_state_dict copies onto the EMA) fixes it.'))
 def test_one_process_checkpoint_resumed_by_two_processes(tiny_root, uninterrupted, tmp_path):
     train_empath.train(tiny_config(tiny_root, tmp_path, n_steps=4, **COMMON))
     train_two_processes(tiny_root, tmp_path, n_steps=8)
