@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from avamerg_empath import empath  # noqa: E402
 from common import d, tiny  # noqa: E402
 
-SCHEDULES = ('full', 'quick')
 OPTIONS = ('quick', 'pretrain', 'seed=N')
 
 
@@ -46,6 +45,7 @@ def parse(arg):
 def components(out):
     """The tiny components' config (configs/common.py ``tiny``) at the demo's sizes, all under <out>/models."""
     config = tiny(f'{out}/models')
+    config.local_weights.made_by = f'python scripts/demo.py --out {out}'  # named by the hints for missing files
     # Faces are 32x32, where the expressions are still legible. The codec downsamples 4x into 8 channels (8x8x8, a
     # sixth of the pixels): diffusion in a compressed latent learns far faster, and its decoder turns small latent
     # errors into plausible faces rather than pixel noise. Patches of 2x2x8 give 16 image tokens per face, so a step
