@@ -273,26 +273,18 @@ def sweep(config, run, folder):
     import eval_avamerg
 
     from libs.demo import measure
-    cfg, nnet = config.demo.sweep, trained_nnet(config)
+    cfg, nnet, ev = config.demo.sweep, trained_nnet(config), config.demo.eval
     line = eval_command(config, run, nnet, config.data.test, folder,
                         f'--scales={",".join(f"{s:g}" for s in cfg.scales)}',
                         f'--steps={",".join(map(str, cfg.steps))}')
-    rows = []
-    for scale in cfg.scales:
-        for steps in cfg.steps:
-            setting = config.copy_and_resolve_references()
-            setting.sample.scale, setting.sample.sample_steps = float(scale), int(steps)
-            name = f'scale{scale:g}_steps{steps}'
-            summary = eval_avamerg.evaluate(setting, nnet, 'test', config.data.test, config.demo.eval.pairs, True,
-                                            os.path.join(folder, name), config.demo.eval.batch_size)
-            m = summary['metrics']
-            rows.append(dict(setting=name, scale=float(scale), steps=int(steps), bleu4=m['bleu4'], bleu2=m['bleu2'],
-                             fine_acc=m['emotion']['fine_acc'], coarse_acc=m['emotion']['coarse_acc'],
-                             dist2=m['dist2'], metrics=m))
+    rows = eval_avamerg.evaluate_sweep(config, list(cfg.scales), list(cfg.steps), nnet, 'test', config.data.test,
+                                       ev.pairs, True, folder, ev.batch_size)
     default = f'scale{config.sample.scale:g}_steps{config.sample.sample_steps}'
     if default not in [r['setting'] for r in rows]:
         raise ValueError(f'the sweep {cfg.to_dict()} must contain the config\'s own setting ({default})')
     for r in rows:
+        with open(os.path.join(folder, r['setting'], 'metrics.json'), encoding='utf-8') as f:
+            r['metrics'] = json.load(f)['metrics']
         r['reads'] = read_outputs(config, run, os.path.join(folder, r['setting']))
         r.update(face_agreement=r['reads']['face_agreement'], text_agreement=r['reads']['text_agreement'])
     records = measure.read_jsonl(os.path.join(folder, default, 'pairs.jsonl'))

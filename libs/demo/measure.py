@@ -284,7 +284,7 @@ LEARNING = (
     ('emotion_fine_acc', 'speaker emotion, 32-way accuracy', lambda m, r: m['emotion']['fine_acc']),
     ('emotion_coarse_macro_f1', 'speaker emotion, 7-way macro-F1', lambda m, r: m['emotion']['coarse_macro_f1']),
     ('text_agreement', 'response utterance follows the prescribed reaction', lambda m, r: r['text_agreement']),
-    ('bleu4', 'response BLEU-4', lambda m, r: m['bleu4']),
+    ('bleu4', 'response BLEU-4 (sacreBLEU)', lambda m, r: m['bleu4']),
     ('bleu2', 'response BLEU-2', lambda m, r: m['bleu2']),
     ('face_agreement', 'response face shows the prescribed expression', lambda m, r: r['face_agreement']),
     ('dist1', 'Dist-1 (distinct unigrams)', lambda m, r: m['dist1']),
