@@ -77,8 +77,9 @@ def get_config(arg='out/demo'):
     # scale with them; no periodic samples (the evaluation stages sample instead). Everything else - speaker dropout
     # 0.05/0.05/0.10, EMA 0.9999 with warm-up, emotion weight 0.1, per-modality loss, AdamW betas, weight decay,
     # gradient clipping - is avamerg_empath's.
-    config.train.update(init_from=f'{models}/uvit_v1.pth', n_steps=1500 if quick else 3000, batch_size=16,
-                        log_every=50, val_every=250, val_pairs=64, ckpt_every=250, keep_last=1, sample_every=0)
+    config.train.update(init_from=f'{models}/uvit_v1.pth', n_steps=800 if quick else 2500, batch_size=16,
+                        log_every=50, val_every=200 if quick else 500, val_pairs=64, ckpt_every=200 if quick else 500,
+                        keep_last=1, sample_every=0)
     # Learning rate: avamerg_empath fine-tunes at a tenth of UniDiffuser's pre-training rate (2e-5 vs 2e-4) and the
     # new parameters at that pre-training rate (condition_lr_scale 10). The same ratios here, around the rate the
     # demo pre-trains its small U-ViT with (2e-3: a width-96 network tolerates a 10x higher rate than a width-1536 one).
@@ -96,7 +97,7 @@ def get_config(arg='out/demo'):
 
     # ---- The UniDiffuser pre-training run (the 'pretrain' stage; ',pretrain' selects its config) -------------------
     config.pretrain = d(
-        n_steps=1500 if quick else 3000, lr=2e-3, warmup_steps=50,
+        n_steps=800 if quick else 1500, lr=2e-3, warmup_steps=50,
         export=f'{models}/uvit_v1.pth',  # the official layout: a torch state dict that loads strictly into v1
     )
 
@@ -113,7 +114,7 @@ def get_config(arg='out/demo'):
         # Held-out test pairs every evaluation answers (at most: the quick test split has about 150).
         eval=d(pairs=160, batch_size=32),
         # The guidance-scale x steps sweep of the fine-tuned network (its default setting is one of the cells).
-        sweep=d(scales=(0., 2., 6.) if quick else (0., 2., 4., 6., 9.), steps=(5, 20) if quick else (5, 10, 20)),
+        sweep=d(scales=(0., 6., 12.) if quick else (0., 3., 6., 12.), steps=(5, 20) if quick else (5, 10, 20)),
         # t2i / i2t of the pre-trained and the fine-tuned network on held-out listener utterances and faces.
         modes=d(samples=48 if quick else 96),
         # Expression classifier: a small CNN trained on faces drawn by libs.synthetic.render_face.
