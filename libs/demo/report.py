@@ -125,14 +125,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence], numeric_from: int = N
 
 
 def fmt(value, digits: int = 3) -> str:
-    """A number for a table cell: 0 as 0, scores >= 1 (BLEU) with one decimal, shares with `digits` decimals."""
+    """A number for a table cell: 0 as 0, shares (up to 1) with `digits` decimals, larger scores (BLEU) with one."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return '&ndash;'
     if not isinstance(value, float):
         return str(value)
     if value == 0:
         return '0'
-    if abs(value) >= 1:
+    if abs(value) > 1:
         return f'{value:.1f}'
     return f'{value:.{digits}f}' if abs(value) >= 10 ** -digits else f'{value:.1e}'
 
@@ -446,7 +446,8 @@ def write_report(out: str, config, markers: dict, schedule: str) -> dict:
 
 def minutes(seconds: float) -> str:
     """'5 min 40 s'."""
-    return f'{int(seconds // 60)} min {int(round(seconds % 60))} s'
+    whole = int(round(seconds))
+    return f'{whole // 60} min {whole % 60} s'
 
 
 def terminal_summary(summary: dict, report_path: str) -> str:
