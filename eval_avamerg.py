@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import metrics, modes
+from libs import metrics, modes, precision
 from libs.avamerg import COARSE_7, EMOTIONS_32, AvaMERG, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 RECORDS, SETTINGS, PART = 'pairs.jsonl', 'settings.json', 'pairs.rank{}.jsonl'
 GRID_ROWS = 8  # pairs shown in grid.png
 REPORT_KEYS = ('checkpoint', 'split', 'source', 'samples', 'sample_steps', 'guidance_scale', 'sampler', 'seed',
-               'fid_computed')
+               'precision', 'fid_computed')
 
 
 @dataclasses.dataclass
@@ -298,7 +298,8 @@ def evaluate(config, nnet_path=None, split='test', features=None, limit=None, sk
         raise UserError(f'{source.root}: the {split} split has no pairs')
     settings = dict(checkpoint=os.path.abspath(nnet_path), split=split, source=os.path.abspath(source.root),
                     sample_steps=config.sample.sample_steps, guidance_scale=float(config.sample.scale),
-                    sampler=config.sample.sampler, skip_type=config.sample.skip_type, seed=config.seed)
+                    sampler=config.sample.sampler, skip_type=config.sample.skip_type, seed=config.seed,
+                    precision=precision.resolve(config.sample.precision, acc.device).name)
     out = output_path
     os.makedirs(os.path.join(out, 'faces'), exist_ok=True)
     check_resumable(out, settings, read_records(out), pairs)

@@ -5,8 +5,9 @@
         --config=configs/avamerg_empath.py --nnet_path=workdir/run/nnet_ema.safetensors
 
 Outputs go to ``<output_path>/<mode>/``: ``<i>.png`` and ``grid.png`` for images, ``<mode>.txt`` (``prompts.txt``
-in joint mode) for texts, and ``samples.json`` with the inputs, settings, seed, outputs, time and memory. The folder
-is assembled aside and moved into place only when complete, so a failed run never leaves half an output.
+in joint mode) for texts, and ``samples.json`` with the inputs, settings, the precision that ran, seed, outputs, time
+and memory. The folder is assembled aside and moved into place only when complete, so a failed run never leaves half
+an output.
 """
 import json
 import os
@@ -19,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from libs import modes, pipeline
+from libs import modes, pipeline, precision
 from libs.errors import UserError
 from libs.io import atomic_replace_dir
 
@@ -104,6 +105,7 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
                 img=img if {'img', 'speaker'} & set(needs) else None)
     record = dict(mode=mode, inputs=used, n_samples=n_samples, seed=config.seed,
                   nnet_path=nnet_path or config.nnet_path, settings=config.sample.to_dict(),
+                  precision=precision.name_of(ctx.autocast_dtype),  # what ran (settings.precision may say 'auto')
                   seconds_per_sample=seconds / n_samples, peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),
                   device=str(device))
     os.makedirs(output_path, exist_ok=True)
@@ -124,7 +126,8 @@ def main(argv):
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample, '
+    print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample '
+          f'({record["precision"]}), '
           f'peak memory {record["peak_memory_gb"]:.2f} GB -> {os.path.join(FLAGS.output_path, FLAGS.mode)}')
 
 
