@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import metrics, modes, precision
+from libs import figures, metrics, modes, precision
 from libs.avamerg import COARSE_7, EMOTIONS_32, AvaMERG, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
@@ -142,10 +142,7 @@ def generate_batch(comp, base, source, indices, seed):
     moments, clip_img, text = source.speaker(indices)
     # A posterior sample of the speaker latent, as in training, drawn first from each pair's generator.
     z = torch.cat([comp.autoencoder.sample(m[None], generator=g) for m, g in zip(moments, gens)]).to(comp.device)
-    B = len(indices)
-    inputs = dict(speaker=pipeline.speaker_condition(comp, ctx, B, z, clip_img, text),
-                  speaker_absent=pipeline.speaker_condition(comp, ctx, B))
-    out = modes.get_mode('empath')(ctx, inputs)
+    out = modes.get_mode('empath')(ctx, pipeline.speaker_inputs(comp, ctx, len(indices), z, clip_img, text))
     return pipeline.decode_images(comp, out['z']), pipeline.decode_texts(comp, out['text']), out['emotion'].cpu()
 
 
@@ -249,8 +246,10 @@ def write_figures(out, source, records):
     pred, gold = [r['pred_label'] for r in records], [r['gold_label'] for r in records]
     for labels, p, g in ((EMOTIONS_32, pred, gold), (COARSE_7, [coarse_index(x) for x in pred],
                                                      [coarse_index(x) for x in gold])):
-        metrics.plot_confusion_png(metrics.confusion_matrix(p, g, len(labels)), list(labels),
-                                   os.path.join(out, f'confusion_{len(labels)}.png'))
+        matrix = metrics.confusion_matrix(p, g, len(labels))
+        title = f'speaker emotion, {len(labels)}-way ({int(matrix.sum())} labelled pairs)'
+        path = os.path.join(out, f'confusion_{len(labels)}.png')
+        figures.to_png(figures.confusion(matrix, list(labels), title), path)
     from libs.pipeline import make_grid
     faces = [face for r in records[:GRID_ROWS] for face in (
         source.face(r['index'], 'speaker'), read_rgb(os.path.join(out, r['face'])), source.face(r['index'], 'response'))]

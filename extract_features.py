@@ -5,7 +5,7 @@ config's resolution, the CLIP image embedding of that crop, the CLIP text hidden
 raw texts. Shards are written atomically; a rerun skips finished shards, and a folder holding features made with
 other settings is refused unless ``--overwrite``.
 
-    python extract_features.py --config=configs/avamerg_empath.py --split=train
+    python extract_features.py --config=configs/avamerg_empath.py --split=train   # then --split=val, --split=test
     accelerate launch --multi_gpu --num_processes 8 extract_features.py --config=... # process r: shards r, r+P, ...
 """
 import hashlib
@@ -33,9 +33,10 @@ from libs.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-# config.data key naming each split's output folder (the training configs read the same keys).
-OUTPUT_KEY = {'train': 'train', 'test': 'val'}
-DATA_KEYS = ('root', 'speaker_text', 'shard_size', 'batch_size', 'num_workers')
+# config.data key naming each split's output folder (the training configs read the same keys): 'val' is the part
+# of train.json held out for checkpoint selection (config.data.val_fraction of the conversations), 'test' the test set.
+SPLITS = ('train', 'val', 'test')
+DATA_KEYS = ('root', 'speaker_text', 'val_fraction', 'shard_size', 'batch_size', 'num_workers')
 STAMP, SUMMARY = 'extraction.json', 'summary.json'
 AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -64,14 +65,17 @@ def state_dict_sha256(module, extra=b''):
 
 def check_config(config, split):
     """Raise UserError unless config.data has what extraction needs; returns the output folder."""
-    missing = [k for k in (*DATA_KEYS, OUTPUT_KEY[split]) if k not in config.data]
+    if split not in SPLITS:
+        raise UserError(f'--split={split!r}; choose one of {SPLITS}')
+    missing = [k for k in (*DATA_KEYS, split) if k not in config.data]
     if missing:
         raise UserError(f'config.data lacks {missing}: add them to the config file, e.g. root="data/AvaMERG", '
-                        'speaker_text="last", shard_size=1024, batch_size=64, num_workers=8 (configs/extract_tiny.py)')
+                        'speaker_text="last", val_fraction=0.02, shard_size=1024, batch_size=64, num_workers=8, '
+                        f'{split}="features/avamerg_512/{split}" (configs/avamerg_empath.py)')
     for key in ('shard_size', 'batch_size'):
         if config.data[key] < 1:
             raise UserError(f'config.data.{key}={config.data[key]} must be at least 1')
-    return config.data[OUTPUT_KEY[split]]
+    return config.data[split]
 
 
 def load_encoders(config, device):
@@ -147,11 +151,16 @@ def shard_batches(shards, num_pairs, shard_size, batch_size):
 
 @torch.no_grad()
 def encode_batch(encoders, pixels, clip_pixels, texts, autocast_dtype):
-    """(B, 2, ...) VAE and CLIP inputs and 2B texts -> moments, CLIP embeddings, text states, each (B, 2, ...)."""
+    """(B, 2, ...) VAE and CLIP inputs and 2B texts -> moments, CLIP embeddings, text states, each (B, 2, ...).
+
+    The VAE always encodes in float32, as evaluation and sampling do (its latents are what training denoises, and
+    bf16 moments would differ from the fp32 ones the sampler's speaker turns come from); the CLIP encoders run under
+    the configured autocast.
+    """
     vae, text_encoder, image_encoder = encoders
     device, batch = text_encoder.device, len(pixels)
+    moments = vae.encode_moments(pixels.flatten(0, 1).to(device, non_blocking=True))
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        moments = vae.encode_moments(pixels.flatten(0, 1).to(device, non_blocking=True))
         # The loader workers already ran CLIPImageEncoder.preprocess; this is the rest of CLIPImageEncoder.encode.
         clip = image_encoder.model(pixel_values=clip_pixels.flatten(0, 1).to(device, non_blocking=True)).image_embeds
         hidden = text_encoder.encode(texts)
@@ -162,7 +171,8 @@ def make_record(pair, moments, clip, text):
     """One pair's tensors (index 0 speaker, 1 response) and metadata in the layout of libs.features.write_shard."""
     return dict(speaker_moments=moments[0], response_moments=moments[1], speaker_clip_img=clip[0],
                 response_clip_img=clip[1], speaker_text=text[0], response_text=text[1], label=pair.label,
-                coarse_label=pair.coarse_label, conversation_id=pair.conversation_id, turn_id=pair.turn_id,
+                coarse_label=pair.coarse_label, split=pair.split, conversation_id=pair.conversation_id,
+                turn_id=pair.turn_id,
                 speaker_stem=pair.speaker_stem, response_stem=pair.response_stem, speaker_text_raw=pair.speaker_text,
                 response_text_raw=pair.response_text, emotion=pair.emotion)
 
@@ -188,19 +198,24 @@ def extract(config, split='train', overwrite=False, limit=None):
     text_encoder = encoders[1]
     # Every process reads the split itself: no process waits on another (video frames are cached atomically).
     reader = AvaMERG(config.data.root, split, speaker_text=config.data.speaker_text,
-                     history_tokens=text_encoder.max_length, count_tokens=text_encoder.count_tokens)
+                     history_tokens=text_encoder.max_length, count_tokens=text_encoder.count_tokens,
+                     val_fraction=config.data.val_fraction)
     pairs = reader.pairs[:limit]
     if not pairs:
         raise UserError(f'{reader.json_path}: no usable pairs (skipped: {dict(reader.skipped)})')
     autocast_dtype = AUTOCAST_DTYPES.get(config.mixed_precision) if state.device.type == 'cuda' else None
-    precision = str(autocast_dtype or torch.float32).removeprefix('torch.')
     shard_size, batch_size = config.data.shard_size, config.data.batch_size
     settings = dict(split=split, resolution=resolution, speaker_text=config.data.speaker_text, shard_size=shard_size,
-                    text_tokens=text_encoder.max_length, precision=precision, pairs_sha256=pairs_sha256(pairs),
-                    weights_sha256=hashes)
+                    text_tokens=text_encoder.max_length, vae_precision='float32',
+                    clip_autocast=str(autocast_dtype or torch.float32).removeprefix('torch.'),
+                    pairs_sha256=pairs_sha256(pairs), weights_sha256=hashes)
+    if split != 'test':
+        settings['val_fraction'] = config.data.val_fraction
+    # The caption decoder does not enter the features (they hold CLIP states), but training reduces them with it:
+    # recorded so that a run can say which decoder its text space came from.
     info = dict(encoders={'autoencoder': config.autoencoder.pretrained_path,
                           'clip_text': config.clip_text.name_or_path, 'clip_img': config.clip_img.name_or_path},
-                limit=limit, config=config.to_dict())
+                caption_decoder=config.caption_decoder.pretrained_path, limit=limit, config=config.to_dict())
     check_folder(out, settings, overwrite)
     if state.is_main_process:
         prepare_folder(out, settings, overwrite)
@@ -240,7 +255,8 @@ def extract(config, split='train', overwrite=False, limit=None):
 def define_flags():
     """Define the command-line flags (on demand, so importing this module, e.g. in tests, defines none)."""
     config_flags.DEFINE_config_file('config', None, 'config file (see configs/extract_tiny.py)', lock_config=False)
-    flags.DEFINE_enum('split', 'train', ['train', 'test'], 'AvaMERG split to encode')
+    flags.DEFINE_enum('split', 'train', list(SPLITS), 'AvaMERG split to encode: train (train.json minus the '
+                      'held-out conversations), val (those), test (test/test.json)')
     flags.DEFINE_bool('overwrite', False, 'delete features made with other settings in the output folder and restart')
     flags.DEFINE_integer('limit', None, 'encode only the first N pairs (smoke tests)', lower_bound=1)
 

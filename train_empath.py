@@ -3,10 +3,15 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml train_empath.py --config=configs/avamerg_empath.py
     python train_empath.py --config=configs/avamerg_tiny.py --config.train.n_steps=50        # one process, CPU
 
-The run folder ``<workdir>/<name>`` holds config.json/.yaml, log.txt, metrics.jsonl, tracker logs, samples/ and
+The run folder ``<workdir>/<name>`` holds config.json/.yaml, log.txt, metrics.jsonl, tracker logs, samples/,
 ckpts/<step>.ckpt/ (nnet and nnet_ema safetensors carrying the resolved config, so ``libs.trainer.load_exported_nnet``
-rebuilds a model from the file alone; optimizer, scheduler, RNG states and data position). A restarted run continues
-from its newest complete checkpoint. Exit codes: 2 bad input (UserError), 3 stopped by the non-finite guard.
+rebuilds a model from the file alone; optimizer, scheduler, RNG states and data position) and ``nnet_ema.safetensors``,
+the EMA network of the best checkpoint by validation loss (``nnet_ema.json`` says which), updated at every checkpoint:
+the file sample_multi.py, eval_avamerg.py and app.py take. A restarted run continues from its newest complete
+checkpoint. Training reads the train cache and validates on the val cache (conversations held out of train.json);
+it never reads the test split. With an unconditional ``nnet.name`` (uvit_multi_post_ln_v1) it trains UniDiffuser's
+joint objective on the (face, utterance) pairs of speakers and listeners, e.g. to pre-train a small UniDiffuser.
+Exit codes: 2 bad input (UserError), 3 stopped by the non-finite guard.
 """
 import contextlib
 import copy
@@ -116,9 +121,14 @@ def train(config, dry_run: bool = False) -> dict:
     val_set = FeatureDataset(config.data.val, config.data.max_open_shards) if config.data.val else None
     if val_set is not None:
         check_features(val_set.manifest, config, config.data.val)
+        if val_set.manifest.get('split') == 'test':
+            raise UserError(f'config.data.val={config.data.val} holds features of the test split; checkpoints are '
+                            'selected on conversations held out of train.json: extract them with '
+                            '`extract_features.py --split=val` and point config.data.val at that folder')
         val_indices = ShuffledStream(val_set.shard_sizes, config.seed, len(val_set.shards)).permutation(0)
         val_indices = val_indices[:tc.val_pairs].tolist()
     micro_batch = micro_batch_size(tc.batch_size, tc.grad_accum, world)
+    drop = trainer.speaker_dropout(tc)
 
     # Model, EMA, optimizer, frozen text reducer --------------------------------------------------------------------
     torch.manual_seed(config.seed)  # every process initialises the new parameters identically
@@ -173,7 +183,7 @@ def train(config, dry_run: bool = False) -> dict:
         for m in range(tc.grad_accum):
             batch = trainer.to_device(next(batches), device)
             rand = trainer.to_device(trainer.draw_randomness(batch['position'].tolist(), config.seed, 'train', config,
-                                                             schedule.N, tc.p_uncond), device)
+                                                             schedule.N, drop), device)
             last = m == tc.grad_accum - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(nnet):
                 losses, _ = trainer.training_losses(nnet, batch, rand, encode_text, schedule, config)
@@ -185,7 +195,7 @@ def train(config, dry_run: bool = False) -> dict:
         grad_norm = accelerator.clip_grad_norm_(nnet.parameters(), tc.grad_clip or float('inf'))
         if torch.isfinite(totals).all() and torch.isfinite(grad_norm):
             optimizer.step()
-            trainer.update_ema(ema, accelerator.unwrap_model(nnet), tc.ema_rate)
+            trainer.update_ema(ema, accelerator.unwrap_model(nnet), trainer.ema_decay(step, tc.ema_rate))
             nonfinite_run = 0
             window.append(torch.cat([totals, grad_norm.reshape(1).float()]))
         else:
@@ -243,8 +253,12 @@ def train(config, dry_run: bool = False) -> dict:
             trainer.save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler, state, config)
             if is_main:
                 trainer.prune_checkpoints(run_dir, tc.keep_last, state['best_step'])
+                state['export'] = trainer.export_ema(run_dir, state, step)
     progress.close()
     accelerator.end_training()
+    if is_main and 'export' in state:
+        logger.info('trained network: %s (EMA of step %d, %s)', os.path.join(run_dir, trainer.EXPORT),
+                    state['export']['step'], state['export']['selected_by'])
     return state
 
 
@@ -254,13 +268,17 @@ def main(argv):
     if FLAGS.config is None:
         raise app.UsageError('pass --config=configs/avamerg_empath.py (or another training config)')
     try:
-        train(FLAGS.config, FLAGS.dry_run)
+        state = train(FLAGS.config, FLAGS.dry_run)
     except UserError as err:
         logger.error('%s', err)
         sys.exit(2)
     except trainer.TrainingDiverged as err:
         logger.error('%s', err)
         sys.exit(trainer.DIVERGED_EXIT_CODE)
+    if 'export' in state:
+        exported = os.path.join(FLAGS.config.workdir, FLAGS.config.name, trainer.EXPORT)
+        print(f'Sample from it:\n  python sample_multi.py --config={config_flags.get_config_filename(FLAGS["config"])} '
+              f'--nnet_path={exported} --mode=empath --img=assets/speaker_sad.png --prompt="I lost my job today."')
 
 
 if __name__ == '__main__':

@@ -16,16 +16,23 @@ def empath(config, features='features/avamerg_512'):
     config.name = 'avamerg_empath'            # run folder: <workdir>/<name>
     config.workdir = 'workdir'
     config.log_with = 'tensorboard'           # 'tensorboard', 'wandb' (offline unless WANDB_MODE says otherwise) or ''
-    config.nnet.update(name='uvit_empath', attention='prefix', num_emotions=32)
+    config.nnet.update(name='uvit_empath', num_emotions=32)
     config.train = d(
         init_from='models/uvit_v1.pth',       # official (or fine-tuned) U-ViT weights; '' trains from scratch
         resume=True,                          # continue from the newest complete checkpoint of the run folder
         n_steps=20000,
         batch_size=64,                        # pairs per optimizer step, over all processes and accumulation steps
         grad_accum=1,
-        p_uncond=0.1,                         # each speaker modality (face = latent + CLIP, text) dropped independently
+        # Speaker dropout, drawn once per pair: the face only (latent + CLIP), the utterance only, or both. The
+        # 'both' share trains the unconditional branch that empath guidance subtracts (ε(response | no speaker)).
+        p_drop_face=0.05,
+        p_drop_text=0.05,
+        p_drop_both=0.10,
         emotion_weight=0.1,                   # λ of the emotion cross-entropy
-        ema_rate=0.9999,
+        # Per-modality means (MSE(ε_img) + MSE(ε_clip) + MSE(ε_text)) weigh a CLIP or text element more than
+        # UniDiffuser's single MSE over the concatenation; 'concat' is that single MSE.
+        loss_weighting='per_modality',
+        ema_rate=0.9999,                      # with warm-up: min(ema_rate, (1 + s) / (10 + s)) at step s
         grad_clip=1.0,                        # max global grad norm; 0 disables clipping (the norm is still logged)
         max_nonfinite=10,                     # stop after this many consecutive non-finite steps
         log_every=50,
@@ -36,13 +43,20 @@ def empath(config, features='features/avamerg_512'):
         sample_every=5000,                    # response samples on fixed validation turns (needs libs.pipeline)
         sample_n=4,
     )
-    config.optimizer = d(lr=2e-5, weight_decay=0.03, betas=(0.9, 0.99), eps=1e-8, warmup_steps=500)
+    # The parameters UniDiffuser does not have (speaker positions and segment, gates, [EMO], emotion head) start
+    # from scratch: they learn at condition_lr_scale x lr, i.e. UniDiffuser's own pre-training rate of 2e-4.
+    config.optimizer = d(lr=2e-5, condition_lr_scale=10., weight_decay=0.03, betas=(0.9, 0.99), eps=1e-8,
+                         warmup_steps=500)
     config.data = d(
         root='data/avamerg',                  # AvaMERG: train.json, test/test.json, image_v5_0/ or video_v5_0/
         speaker_text='last',                  # 'last' speaker utterance, or the 'history' cut from the left to fit
+        val_fraction=0.02,                    # conversations of train.json held out (stable hash of the id) as 'val'
         shard_size=1024,                      # pairs per feature shard (extract_features.py)
         batch_size=64,                        # pairs per encoder batch (extract_features.py)
-        train=f'{features}/train', val=f'{features}/test', shuffle_window=8, max_open_shards=8, num_workers=4)
+        # Feature caches per split (extract_features.py --split=train|val|test). Training reads train and selects
+        # checkpoints on val; only evaluation reads test.
+        train=f'{features}/train', val=f'{features}/val', test=f'{features}/test',
+        shuffle_window=8, max_open_shards=8, num_workers=4)
     # eval_avamerg.py: FID needs Inception-v3 pool features; a local TorchScript file, else the torch hub cache.
     config.eval = d(inception_path='')
     # train_caption_decoder.py: fine-tunes config.caption_decoder on the cache's utterances (ClipCap's AdamW and

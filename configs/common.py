@@ -53,10 +53,13 @@ def unidiffuser(version='v1'):
     config.nnet_path = f'models/uvit_{version}.pth'
     # The official sampler: DPM-Solver++ 'fast' on a time-uniform grid (what dpm_solver_pp.sample defaults to;
     # skip_type='logSNR' is more accurate at few steps but is not what the official results used).
+    # The empath modes guide over the speaker turn: against no speaker with `scale` ('no_speaker'), or with a
+    # scale for the utterance and one for the face ('two_scale', InstructPix2Pix; libs.diffusion.cfg_two_scale).
     # precision: 'auto' = bf16 on GPUs and on CPUs with native bf16 matrix instructions, fp32 elsewhere
     # (libs/precision.py); or 'fp32', 'bf16', 'fp16'. Sampling, evaluation and the web demo all read it.
     config.sample = d(sample_steps=50, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast',
-                      skip_type='time_uniform', precision='auto')
+                      skip_type='time_uniform', speaker_guidance='no_speaker', scale_text=7., scale_face=7.,
+                      precision='auto')
     return config
 
 

@@ -44,7 +44,8 @@ def get_config(arg='out/demo'):
                                         n_steps=500 if quick else 800, batch_size=32, lr=5e-3, warmup_steps=30,
                                         log_every=20)
 
-    config.data.update(root=f'{out}/data', train=f'{out}/features/train', val=f'{out}/features/test',
+    config.data.update(root=f'{out}/data', train=f'{out}/features/train', val=f'{out}/features/val',
+                       test=f'{out}/features/test',
                        speaker_text='last', shard_size=512, batch_size=64, num_workers=0)
     # No pretrained UniDiffuser exists at this size, so the U-ViT starts from its own initialisation.
     # Depth 4 (two blocks each side of the middle one): with fewer blocks the response barely follows the speaker,
@@ -52,7 +53,7 @@ def get_config(arg='out/demo'):
     # diffusion model learns, and the steps here are what makes it show.
     config.train.update(init_from='', n_steps=3000 if quick else 5000, batch_size=16, ema_rate=0.995, log_every=50,
                         val_every=500, val_pairs=64, ckpt_every=500, keep_last=1, sample_every=0)
-    config.optimizer.update(lr=2e-3, warmup_steps=50, weight_decay=0.)
+    config.optimizer.update(lr=2e-3, warmup_steps=50, weight_decay=0., condition_lr_scale=1.)
     # Guidance over the speaker turn: an undertrained model follows the speaker weakly, and guidance amplifies that.
     config.sample.update(sample_steps=20, scale=6.)
 

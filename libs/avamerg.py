@@ -50,7 +50,7 @@ _STEM = re.compile(r'dia(\d+)utt(\d+)_(\d+)')
 # Marks utterance boundaries when the speaker text is the whole dialogue history.
 HISTORY_SEPARATOR = ' | '
 SPEAKER_TEXT_MODES = ('last', 'history')
-SPLIT_FILES = {'train': ('train.json',), 'test': ('test', 'test.json')}
+SPLIT_FILES = {'train': ('train.json',), 'val': ('train.json',), 'test': ('test', 'test.json')}
 
 
 def _normalise(word):
@@ -92,6 +92,18 @@ class Pair:
     speaker_profile: dict
     listener_profile: dict
     topic: str
+    split: str = 'train'
+
+    @property
+    def pair_id(self) -> str:
+        """The pair's identity across splits (conversation ids repeat between train and test)."""
+        return f'{self.split}/{self.conversation_id}/{self.turn_id}'
+
+
+def is_validation(conversation_id: str, val_fraction: float) -> bool:
+    """Whether a conversation of train.json is held out as the 'val' split (a stable hash of its id)."""
+    from libs.features import derive_seed
+    return derive_seed('validation', 'train', conversation_id) / 2 ** 64 < val_fraction
 
 
 def media_stem(conversation_id, index, avatar_id):
@@ -235,7 +247,7 @@ class AvaMERG:
     """The pairs of one split whose speaker and response faces exist and decode, with skip statistics."""
 
     def __init__(self, root, split='train', frames_dir='image_v5_0', video_dir='video_v5_0', speaker_text='last',
-                 history_tokens=None, count_tokens=None):
+                 history_tokens=None, count_tokens=None, val_fraction=0.02):
         if split not in SPLIT_FILES:
             raise UserError(f'split={split!r}; choose one of {tuple(SPLIT_FILES)}')
         self.root, self.split = root, split
@@ -254,8 +266,11 @@ class AvaMERG:
         self.unknown_emotions = collections.Counter()
         self.skipped = collections.Counter()
         self.pairs = []
-        for pair in iter_pairs(read_dialogues(self.json_path), speaker_text, history_tokens, count_tokens,
-                               self.unknown_emotions):
+        dialogues = read_dialogues(self.json_path)
+        if split != 'test':  # train.json is split into train and the held-out val conversations
+            dialogues = [d for d in dialogues if is_validation(d['conversation_id'], val_fraction) == (split == 'val')]
+        for pair in iter_pairs(dialogues, speaker_text, history_tokens, count_tokens, self.unknown_emotions):
+            pair.split = split
             reason = self._check_face(pair.speaker_stem) or self._check_face(pair.response_stem)
             if reason:
                 self.skipped[reason] += 1

@@ -63,6 +63,27 @@ def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
 
 
+LOSS_WEIGHTINGS = ('per_modality', 'concat')
+
+
+def modality_losses(eps, targets, weighting: str) -> dict:
+    """Per-sample MSE of each modality's ε-prediction (B,) and their combination 'loss' (train.loss_weighting).
+
+    'per_modality': MSE(ε_img) + MSE(ε_clip) + MSE(ε_text), each a mean over its own elements; 'concat':
+    UniDiffuser's single MSE over the concatenated modalities (every element weighs the same, so the latent
+    dominates).
+    """
+    losses = {k: mse_per_sample(e, t) for k, e, t in zip(('img', 'clip', 'text'), eps, targets)}
+    if weighting == 'per_modality':
+        losses['loss'] = losses['img'] + losses['clip'] + losses['text']
+    elif weighting == 'concat':
+        sizes = [t[0].numel() for t in targets]
+        losses['loss'] = sum(losses[k] * n for k, n in zip(('img', 'clip', 'text'), sizes)) / sum(sizes)
+    else:
+        raise UserError(f'train.loss_weighting={weighting!r}; choose one of {LOSS_WEIGHTINGS}')
+    return losses
+
+
 def cfg(eps_cond, eps_uncond, scale):
     """Classifier-free guidance in UniDiffuser's convention: ε = ε_cond + s · (ε_cond − ε_uncond).
 
@@ -72,6 +93,18 @@ def cfg(eps_cond, eps_uncond, scale):
     if isinstance(eps_cond, (tuple, list)):
         return tuple(cfg(c, u, scale) for c, u in zip(eps_cond, eps_uncond))
     return eps_cond + scale * (eps_cond - eps_uncond)
+
+
+def cfg_two_scale(eps_full, eps_text, eps_none, scale_text, scale_face):
+    """Two-scale guidance over the speaker turn: ε = ε_tf + s_t · (ε_t − ε_∅) + s_f · (ε_tf − ε_t).
+
+    ε_tf is conditioned on the whole speaker turn, ε_t on its utterance alone, ε_∅ on no speaker. This is
+    InstructPix2Pix's ε_∅ + S_t · (ε_t − ε_∅) + S_f · (ε_tf − ε_t) written in UniDiffuser's convention (S = s + 1,
+    so s = 0 is unguided); s_t = s_f = s gives ``cfg(ε_tf, ε_∅, s)``. Tuples are guided element-wise.
+    """
+    if isinstance(eps_full, (tuple, list)):
+        return tuple(cfg_two_scale(f, t, n, scale_text, scale_face) for f, t, n in zip(eps_full, eps_text, eps_none))
+    return eps_full + scale_text * (eps_text - eps_none) + scale_face * (eps_full - eps_text)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from libs.io import atomic_save_safetensors, atomic_write_json
 logger = logging.getLogger(__name__)
 
 FORMAT = 'empathdiffuser-features'
-VERSION = 1
+VERSION = 2  # 2: per-pair metadata carries the split (pair identity is split/conversation/turn)
 MANIFEST = 'manifest.json'
 TENSOR_DTYPES = {
     'speaker_moments': torch.float32,    # (2C, h, w) VAE posterior mean and log-variance of the speaker face
@@ -42,7 +42,7 @@ TENSOR_DTYPES = {
     'label': torch.int64,                # () 32-way EmpatheticDialogues emotion, -1 unknown
     'coarse_label': torch.int64,         # () 7-way AvaMERG class, -1 unknown
 }
-META_KEYS = ('conversation_id', 'turn_id', 'speaker_stem', 'response_stem', 'speaker_text_raw',
+META_KEYS = ('split', 'conversation_id', 'turn_id', 'speaker_stem', 'response_stem', 'speaker_text_raw',
              'response_text_raw', 'emotion')
 REEXTRACT = 'rerun extract_features.py for this split (it skips the shards that are finished)'
 

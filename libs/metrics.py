@@ -8,7 +8,6 @@ from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from scipy import linalg
 
 from libs.errors import UserError
@@ -86,17 +85,27 @@ def distinct_n(texts, n):
 
 
 # ---------------------------------------------------------------- emotion -------------------------------------------
-def confusion_matrix(pred, gold, num_classes, ignore_index=-1):
-    """(num_classes, num_classes) int64 counts, rows = gold, columns = predicted; gold == ignore_index is skipped."""
-    pred, gold = torch.as_tensor(pred).long().flatten().cpu(), torch.as_tensor(gold).long().flatten().cpu()
+def _labelled(pred, gold, num_classes, ignore_index):
+    """Flat int64 numpy (pred, gold) of the samples whose gold label is not ignore_index, range-checked."""
+    pred, gold = (np.asarray(torch.as_tensor(x).long().flatten().cpu()) for x in (pred, gold))
     if pred.shape != gold.shape:
-        raise ValueError(f'pred has {pred.numel()} labels but gold has {gold.numel()}')
+        raise ValueError(f'pred has {pred.size} labels but gold has {gold.size}')
     keep = gold != ignore_index
     pred, gold = pred[keep], gold[keep]
+    # sklearn would silently drop labels outside `labels=`; a label out of range is a bug upstream, so say so.
     for name, x in (('pred', pred), ('gold', gold)):
-        if x.numel() and (x.min() < 0 or x.max() >= num_classes):
+        if x.size and (x.min() < 0 or x.max() >= num_classes):
             raise ValueError(f'{name} labels must lie in [0, {num_classes}) (or be {ignore_index} in gold)')
-    return torch.bincount(gold * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    return pred, gold
+
+
+def confusion_matrix(pred, gold, num_classes, ignore_index=-1):
+    """(num_classes, num_classes) int64 counts, rows = gold, columns = predicted; gold == ignore_index is skipped."""
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+    pred, gold = _labelled(pred, gold, num_classes, ignore_index)
+    if not gold.size:  # sklearn refuses empty input; no labelled sample is an all-zero matrix
+        return torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    return torch.from_numpy(sk_confusion_matrix(gold, pred, labels=np.arange(num_classes)).astype(np.int64))
 
 
 def accuracy(pred, gold, ignore_index=-1):
@@ -107,19 +116,18 @@ def accuracy(pred, gold, ignore_index=-1):
 
 
 def macro_f1(pred, gold, num_classes, ignore_index=-1):
-    """Macro-F1 in [0, 1] over the classes present in gold or pred of the labelled samples.
+    """Macro-F1 in [0, 1] over the classes present in gold or pred of the labelled samples; nan if none is labelled.
 
-    Equals sklearn's `f1_score(gold, pred, average='macro', labels=present)`: a class that is never predicted (or
-    never true) gets F1 = 0 and still counts; classes absent from both are left out rather than counted as 0 or 1,
-    so the score does not depend on how many unused classes the label set has.
+    sklearn's `f1_score(gold, pred, average='macro', labels=present, zero_division=0)`: a class that is never
+    predicted (or never true) gets F1 = 0 and still counts; classes absent from both are left out rather than counted
+    as 0 or 1, so the score does not depend on how many unused classes the label set has.
     """
-    cm = confusion_matrix(pred, gold, num_classes, ignore_index).double()
-    tp, gold_count, pred_count = cm.diag(), cm.sum(1), cm.sum(0)
-    present = (gold_count + pred_count) > 0
-    if not present.any():
+    from sklearn.metrics import f1_score
+    pred, gold = _labelled(pred, gold, num_classes, ignore_index)
+    if not gold.size:
         return float('nan')
-    # 2PR / (P + R) written with counts: 2TP / (2TP + FP + FN) = 2TP / (#gold + #pred), zero when TP is zero.
-    return (2 * tp[present] / (gold_count[present] + pred_count[present])).mean().item()
+    present = np.union1d(gold, pred)
+    return float(f1_score(gold, pred, labels=present, average='macro', zero_division=0))
 
 
 def emotion_report(pred, gold, fine_to_coarse, ignore_index=-1):
@@ -136,42 +144,6 @@ def emotion_report(pred, gold, fine_to_coarse, ignore_index=-1):
         'coarse_acc': accuracy(coarse_pred, coarse_gold),
         'coarse_macro_f1': macro_f1(coarse_pred, coarse_gold, num_coarse),
     }
-
-
-def plot_confusion_png(matrix, labels, path, cell=28):
-    """Write a confusion-matrix heat map (rows gold, columns predicted; colour = row-normalised share) as PNG."""
-    m = torch.as_tensor(matrix).double()
-    k = len(labels)
-    if m.shape != (k, k):
-        raise ValueError(f'matrix of shape {tuple(m.shape)} does not match {k} labels')
-    # Row-normalised colours: with skewed labels raw counts would leave every rare class white.
-    share = m / m.sum(1, keepdim=True).clamp(min=1)
-    font = ImageFont.load_default(size=max(cell // 2, 8))
-    small = ImageFont.load_default(size=max(cell // 3, 6))
-    label_w = max(int(font.getlength(s)) for s in labels) + cell // 2
-    left, top = label_w + cell, label_w + cell  # room for the labels plus the axis titles
-    img = Image.new('RGB', (left + k * cell + cell // 2, top + k * cell + cell // 2), 'white')
-    draw = ImageDraw.Draw(img)
-    for i in range(k):
-        for j in range(k):
-            v = float(share[i, j])
-            colour = tuple(int(round(255 + v * (c - 255))) for c in (8, 48, 107))  # white -> dark blue
-            x, y = left + j * cell, top + i * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(220, 220, 220))
-            if m[i, j] > 0:
-                draw.text((x + cell // 2, y + cell // 2), str(int(m[i, j])), anchor='mm', font=small,
-                          fill='white' if v > 0.5 else 'black')
-        draw.text((left - cell // 4, top + i * cell + cell // 2), labels[i], anchor='rm', font=font, fill='black')
-    # Column labels: drawn left-aligned on a horizontal strip, turned 90 degrees counter-clockwise so that each one
-    # starts at the grid and reads upwards (row j of the strip becomes column j).
-    strip = Image.new('RGB', (label_w, k * cell), 'white')
-    strip_draw = ImageDraw.Draw(strip)
-    for j, name in enumerate(labels):
-        strip_draw.text((cell // 4, j * cell + cell // 2), name, anchor='lm', font=font, fill='black')
-    img.paste(strip.rotate(90, expand=True), (left, cell))
-    draw.text((left + k * cell // 2, cell // 2), 'predicted', anchor='mm', font=font, fill='black')
-    draw.text((cell // 2, top - cell // 2), 'gold', anchor='lm', font=font, fill='black')
-    img.save(path, format='PNG')
 
 
 # ---------------------------------------------------------------- FID -----------------------------------------------

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from libs.diffusion import cfg
+from libs.diffusion import cfg, cfg_two_scale
 from libs.errors import UserError
 from libs.uvit import ConditionCache, cat_conditions
 
@@ -34,6 +34,9 @@ class Context:
     generator: Optional[torch.Generator] = None
     device: torch.device = field(default_factory=lambda: torch.device('cpu'))
     autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 on GPUs; None = full precision
+    speaker_guidance: str = 'no_speaker'    # empath modes: one of SPEAKER_GUIDANCE
+    scale_text: float = 7.                  # two_scale: guidance towards the speaker's utterance
+    scale_face: float = 7.                  # two_scale: guidance towards the speaker's face, given the utterance
 
     def randn(self, *shape) -> torch.Tensor:
         """Gaussian noise from the run's generator, so one seed fixes every sample."""
@@ -216,9 +219,21 @@ def mode_t2i2t(ctx, inputs):
 # ----------------------------------------------------------------------------------------------------------------
 
 def speaker_guided(ctx, inputs, response, pick):
-    """ε(response | speaker) + s·(ε(response | speaker) − ε(response | no speaker)), one batched forward."""
-    cond = dict(response, speaker=inputs['speaker'])
-    return guided(ctx, cond, dict(response, speaker=inputs['speaker_absent']), pick)
+    """The response's ε guided over the speaker turn as ``ctx.speaker_guidance`` says, all passes in one forward.
+
+    'no_speaker': ε(· | speaker) + s·(ε(· | speaker) − ε(· | no speaker)). 'two_scale': ``cfg_two_scale`` of the
+    passes with the whole speaker turn, with its utterance alone (``inputs['speaker_text']``) and with no speaker.
+    A speaker input the user left out is absent in every pass, so both rules reduce to guidance over what was given.
+    """
+    full, none = dict(response, speaker=inputs['speaker']), dict(response, speaker=inputs['speaker_absent'])
+    if ctx.speaker_guidance == 'no_speaker':
+        return guided(ctx, full, none, pick)
+    if ctx.scale_text == 0 and ctx.scale_face == 0:
+        return pick(call_nnet(ctx, **full))
+    text_only = dict(response, speaker=inputs['speaker_text'])
+    B = next(iter(response.values())).shape[0]
+    eps = pick(call_nnet(ctx, **{k: pair(pair(full[k], text_only[k]), none[k]) for k in full}))
+    return cfg_two_scale(eps[:B], eps[B:2 * B], eps[2 * B:], ctx.scale_text, ctx.scale_face)
 
 
 def emotion_of(inputs):
@@ -275,6 +290,8 @@ MODES: Dict[str, Callable] = {
 MODE_INPUTS = {'t2i': ('prompt',), 'i2t': ('img',), 'joint': (), 'i': (), 't': (), 'i2t2i': ('img',),
                't2i2t': ('prompt',), 'empath': ('speaker',), 'empath_t': ('speaker',), 'empath_i': ('speaker',)}
 EMPATH_MODES = ('empath', 'empath_t', 'empath_i')
+# Guidance of the empath modes (config.sample.speaker_guidance) -> the speaker caches it needs besides 'speaker'.
+SPEAKER_GUIDANCE = {'no_speaker': ('speaker_absent',), 'two_scale': ('speaker_absent', 'speaker_text')}
 
 
 def get_mode(name: str) -> Callable:

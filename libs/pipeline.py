@@ -15,7 +15,7 @@ from PIL import Image
 from libs import modes, precision
 from libs.diffusion import NoiseScheduleVP, get_sampler, stable_diffusion_betas
 from libs.errors import UserError
-from libs.uvit import UViT, build_nnet, load_nnet_weights
+from libs.uvit import UViT, build_nnet, checkpoint_config, load_nnet_weights
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,10 @@ def load_components(config, device, nnet_path=None, need_images=True, need_text=
     from libs.caption_decoder import load_caption_decoder
     from libs.clip_encoders import CLIPImageEncoder, CLIPTextEncoder
 
-    nnet = build_nnet(config.nnet)
-    load_nnet_weights(nnet, nnet_path or config.nnet_path, logger)
+    nnet_path = nnet_path or config.nnet_path
+    # A train_empath.py export rebuilds its own network (the config it was trained with), whatever config.nnet says.
+    nnet = build_nnet((checkpoint_config(nnet_path) or config).get('nnet'))
+    load_nnet_weights(nnet, nnet_path, logger)
     comp = Components(config, device, nnet.to(device).eval().requires_grad_(False))
     if config.nnet.compile:
         compile_nnet(comp.nnet)
@@ -85,9 +87,14 @@ def make_context(comp: Components, generator: torch.Generator) -> modes.Context:
         steps=config.sample.sample_steps, scale=config.sample.scale, z_shape=tuple(config.z_shape),
         clip_img_dim=config.clip_img_dim, text_shape=(config.num_text_tokens, config.text_dim),
         data_type=config.data_type if comp.nnet.use_data_type else None, t2i_cfg_mode=config.sample.t2i_cfg_mode,
-        generator=generator, device=comp.device, autocast_dtype=prec.dtype)
+        generator=generator, device=comp.device, autocast_dtype=prec.dtype,
+        speaker_guidance=config.sample.speaker_guidance, scale_text=config.sample.scale_text,
+        scale_face=config.sample.scale_face)
     if ctx.t2i_cfg_mode not in ('true_uncond', 'empty_token'):
         raise UserError(f'config.sample.t2i_cfg_mode={ctx.t2i_cfg_mode!r}: use true_uncond or empty_token')
+    if ctx.speaker_guidance not in modes.SPEAKER_GUIDANCE:
+        raise UserError(f'config.sample.speaker_guidance={ctx.speaker_guidance!r}: use one of '
+                        f'{", ".join(modes.SPEAKER_GUIDANCE)}')
     if ctx.t2i_cfg_mode == 'empty_token' and comp.clip_text is not None:
         ctx.empty_text = encode_prompts(comp, [''])
     return ctx
@@ -127,14 +134,25 @@ def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None):
         return comp.nnet.encode_condition(cond)
 
 
-def encode_speaker(comp, ctx, B, image=None, prompt=None):
-    """A raw speaker turn (face and/or utterance) -> condition cache for B samples."""
+def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None) -> dict:
+    """The speaker caches an empath mode reads: the given turn, no speaker, and (two_scale) its utterance alone.
+
+    Drawn in this order from the context's generator, so a seed fixes the absent modalities' noise too.
+    """
+    inputs = dict(speaker=speaker_condition(comp, ctx, B, z, clip_img, text))
+    for name in modes.SPEAKER_GUIDANCE[ctx.speaker_guidance]:
+        inputs[name] = speaker_condition(comp, ctx, B, text=text if name == 'speaker_text' else None)
+    return inputs
+
+
+def encode_speaker(comp, ctx, B, image=None, prompt=None) -> dict:
+    """A raw speaker turn (face and/or utterance) -> the speaker inputs of an empath mode for B samples."""
     z = clip_img = text = None
     if image is not None:
         z, clip_img = encode_images(comp, [image], generator=ctx.generator)
     if prompt is not None:
         text = encode_prompts(comp, [prompt])
-    return speaker_condition(comp, ctx, B, z, clip_img, text)
+    return speaker_inputs(comp, ctx, B, z, clip_img, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,8 +204,7 @@ def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, pr
     if mode in modes.EMPATH_MODES:
         if not conditional:
             raise UserError(f'mode {mode} needs an EmpathDiffuser network (nnet.name=uvit_empath)')
-        inputs['speaker'] = encode_speaker(comp, ctx, n_samples, image, prompt)
-        inputs['speaker_absent'] = speaker_condition(comp, ctx, n_samples)
+        inputs.update(encode_speaker(comp, ctx, n_samples, image, prompt))
     else:
         if conditional:  # a fine-tuned network without a speaker turn is a plain UniDiffuser
             inputs['speaker'] = speaker_condition(comp, ctx, n_samples)

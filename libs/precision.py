@@ -86,19 +86,24 @@ def resolve(name: str, device: torch.device) -> Precision:
     device = torch.device(device)
     if name not in PRECISIONS:
         raise UserError(f'config.sample.precision={name!r}: use one of {", ".join(PRECISIONS)}')
-    cuda_bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
+    # Native = compute capability 8 and up; older GPUs can emulate bf16, slower than fp32.
+    cuda_native = device.type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
     if name == 'auto':
-        if cuda_bf16:
-            return Precision('bf16', torch.bfloat16, 'auto: this GPU supports bf16')
+        if cuda_native:
+            return Precision('bf16', torch.bfloat16, 'auto: this GPU has native bf16')
         if device.type == 'cpu':
-            features = cpu_bf16_features()
+            features = ', '.join(sorted(cpu_bf16_features()))
             if features:
-                return Precision('bf16', torch.bfloat16, f'auto: this CPU has native bf16 ({", ".join(sorted(features))})')
+                return Precision('bf16', torch.bfloat16, f'auto: this CPU has native bf16 ({features})')
             return Precision('fp32', None, 'auto: this CPU has no native bf16 matrix instructions')
-        return Precision('fp32', None, f'auto: no reduced precision chosen for {device.type} devices')
-    if name == 'bf16' and device.type == 'cuda' and not cuda_bf16:
-        raise UserError(f'config.sample.precision=bf16, but {torch.cuda.get_device_name(device)} has no bf16 support; '
-                        'use fp16 or fp32')
+        return Precision('fp32', None, f'auto: reduced precision is only chosen on CUDA GPUs and CPUs, not '
+                                       f'{device.type}')
+    if name == 'bf16' and device.type == 'cuda' and not cuda_native:
+        if not torch.cuda.is_bf16_supported(including_emulation=True):
+            raise UserError(f'config.sample.precision=bf16, but {torch.cuda.get_device_name(device)} has no bf16 '
+                            'support; use fp16 or fp32')
+        logger.warning('config.sample.precision=bf16 on a GPU without native bf16: it is emulated and usually slower '
+                       'than fp32')
     if name == 'bf16' and device.type == 'cpu' and not cpu_bf16_features():
         logger.warning('config.sample.precision=bf16 on a CPU without native bf16 matrix instructions: it is emulated '
                        'and usually slower than fp32')

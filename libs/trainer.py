@@ -17,17 +17,17 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from libs.avamerg import COARSE_7, EMOTIONS_32, FINE_TO_COARSE
-from libs.diffusion import mse_per_sample
+from libs.diffusion import modality_losses
 from libs.errors import UserError
 from libs.features import derive_seed
-from libs.uvit import build_nnet, load_nnet_weights
+from libs.io import atomic_write_json
+from libs.uvit import NETS, build_nnet, checkpoint_config, load_nnet_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +55,41 @@ def sample_latent(moments: torch.Tensor, scale_factor: float, noise: torch.Tenso
     return scale_factor * (mean + torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE)) * noise)
 
 
-def draw_randomness(positions: Sequence[int], seed, domain: str, config, N: int, p_uncond: float) -> dict:
-    """Every random quantity of a batch, each pair's drawn from its own (domain, seed, position) generator."""
+DROPS = ('face', 'text', 'both')  # train.p_drop_<name>: what the speaker dropout removes from a pair
+
+
+def speaker_dropout(train_config) -> Dict[str, float]:
+    """The speaker-dropout probabilities of the train config: {'face': p, 'text': p, 'both': p}."""
+    drop = {k: float(train_config[f'p_drop_{k}']) for k in DROPS}
+    if min(drop.values()) < 0 or sum(drop.values()) > 1:
+        raise UserError(f'train.p_drop_face/text/both = {drop}: each must be >= 0 and together at most 1')
+    return drop
+
+
+NO_DROPOUT = dict.fromkeys(DROPS, 0.)
+
+
+def draw_randomness(positions: Sequence[int], seed, domain: str, config, N: int, drop: Dict[str, float]) -> dict:
+    """Every random quantity of a batch, each pair's drawn from its own (domain, seed, position) generator.
+
+    Per pair: the VAE posterior noise of both faces; for each role (response, and speaker for the unconditional
+    UniDiffuser objective) the timesteps and diffusion noise; the noise that replaces a dropped speaker modality;
+    and one uniform number u that picks the speaker dropout: both if u < p_both, else the face only if
+    u < p_both + p_face, else the text only if u < p_both + p_face + p_text.
+    """
     z, clip, text = tuple(config.z_shape), (1, config.clip_img_dim), (config.num_text_tokens, config.text_dim)
     gaussians = (('speaker_latent', z), ('response_latent', z), ('eps_img', z), ('eps_clip', clip),
-                 ('eps_text', text), ('absent_img', z), ('absent_clip', clip), ('absent_text', text))
+                 ('eps_text', text), ('absent_img', z), ('absent_clip', clip), ('absent_text', text),
+                 ('speaker_eps_img', z), ('speaker_eps_clip', clip), ('speaker_eps_text', text))
     draws = []
     for p in positions:
         g = torch.Generator().manual_seed(derive_seed(domain, seed, int(p)))
-        t = torch.randint(1, N + 1, (2,), generator=g)
-        keep = torch.rand(2, generator=g) >= p_uncond
-        draws.append(dict(t_img=t[0], t_text=t[1], keep_img=keep[0], keep_text=keep[1],
+        t = torch.randint(1, N + 1, (4,), generator=g)
+        u = float(torch.rand((), generator=g))
+        both, face = u < drop['both'], drop['both'] <= u < drop['both'] + drop['face']
+        text_only = drop['both'] + drop['face'] <= u < drop['both'] + drop['face'] + drop['text']
+        draws.append(dict(t_img=t[0], t_text=t[1], speaker_t_img=t[2], speaker_t_text=t[3],
+                          keep_img=torch.tensor(not (both or face)), keep_text=torch.tensor(not (both or text_only)),
                           **{name: torch.randn(shape, generator=g) for name, shape in gaussians}))
     return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
 
@@ -75,36 +99,55 @@ def _where(keep: torch.Tensor, x: torch.Tensor, other: torch.Tensor) -> torch.Te
     return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, other)
 
 
-def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config):
-    """Per-pair losses (B,) of the conditional objective, and the emotion logits.
+RAND_KEYS = ('t_img', 't_text', 'eps_img', 'eps_clip', 'eps_text')  # one role's draws (prefix '' or 'speaker_')
 
-    The speaker turn is clean (t = 0); its face (latent + CLIP embedding) and its text are each replaced by Gaussian
-    noise at t = N when dropped. The response face (latent and CLIP share t_img) and text (t_text) are noised
-    independently. loss = MSE(ε_img) + MSE(ε_clip) + MSE(ε_text) + λ·CE(emotion); the CE of an unlabelled pair
-    counts as 0, so every pair weighs the same and the loss is a plain per-pair mean under any batch split.
+
+def noise_prediction(nnet, schedule, x0, t_img, t_text, eps_img, eps_clip, eps_text, data_type, **cond):
+    """Noise clean (latent, CLIP embedding, text) — latent and CLIP share t_img — and predict the noise."""
+    noisy = [schedule.add_noise(x, t, e)[1] for x, t, e in zip(x0, (t_img, t_img, t_text),
+                                                                (eps_img, eps_clip, eps_text))]
+    return nnet(*noisy, t_img, t_text, data_type, **cond)
+
+
+def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config):
+    """Per-pair losses (B,) of the training objective, and the emotion logits (None for an unconditional net).
+
+    Conditional (EmpathDiffuser, DESIGN §2): the speaker turn is clean (t = 0); its face (latent + CLIP embedding)
+    and its text are replaced by Gaussian noise at t = N when dropped. The response face (latent and CLIP share
+    t_img) and text (t_text) are noised independently. loss = diffusion loss + λ·CE(emotion); the CE of an
+    unlabelled pair counts as 0, so every pair weighs the same and the loss is a plain per-pair mean under any batch
+    split. Unconditional (UniDiffuser's joint objective, used to pre-train): the speaker's and the response's
+    (face, utterance) are two independent image-text samples; a pair's loss is the mean of their two losses.
     """
-    N, scale = schedule.N, config.autoencoder.scale_factor
+    N, scale, weighting = schedule.N, config.autoencoder.scale_factor, config.train.loss_weighting
     z_speaker = sample_latent(batch['speaker_moments'], scale, rand['speaker_latent'])
     z = sample_latent(batch['response_moments'], scale, rand['response_latent'])
     with torch.no_grad():  # the caption decoder's encode_prefix is frozen
         text_speaker = encode_text(batch['speaker_text'].float())
         text = encode_text(batch['response_text'].float())
+    net_kind = NETS[config.nnet.name]  # from the config: nnet may be wrapped (DDP, FSDP)
+    data_type = torch.full_like(rand['t_img'], config.data_type) if net_kind['use_data_type'] else None
+    response = (z, batch['response_clip_img'], text)
+    if not net_kind.get('condition', False):
+        roles = []
+        for prefix, x0 in (('', response), ('speaker_', (z_speaker, batch['speaker_clip_img'], text_speaker))):
+            draws = [rand[prefix + k] for k in RAND_KEYS]
+            roles.append(modality_losses(noise_prediction(nnet, schedule, x0, *draws, data_type), draws[2:],
+                                         weighting))
+        losses = {k: (roles[0][k] + roles[1][k]) / 2 for k in roles[0]}
+        losses['emotion'] = torch.zeros_like(losses['loss'])
+        return losses, None
     keep_img, keep_text = rand['keep_img'], rand['keep_text']
     absent = torch.full_like(rand['t_img'], N)
     cond = dict(img=_where(keep_img, z_speaker, rand['absent_img']),
                 clip_img=_where(keep_img, batch['speaker_clip_img'], rand['absent_clip']),
                 text=_where(keep_text, text_speaker, rand['absent_text']),
                 t_img=torch.where(keep_img, 0, absent), t_text=torch.where(keep_text, 0, absent))
-    t_img, t_text = rand['t_img'], rand['t_text']
-    _, z_t = schedule.add_noise(z, t_img, rand['eps_img'])
-    _, clip_t = schedule.add_noise(batch['response_clip_img'], t_img, rand['eps_clip'])
-    _, text_t = schedule.add_noise(text, t_text, rand['eps_text'])
-    data_type = torch.full_like(t_img, config.data_type)
-    eps_img, eps_clip, eps_text, logits = nnet(z_t, clip_t, text_t, t_img, t_text, data_type, cond=cond)
-    losses = dict(img=mse_per_sample(eps_img, rand['eps_img']), clip=mse_per_sample(eps_clip, rand['eps_clip']),
-                  text=mse_per_sample(eps_text, rand['eps_text']),
-                  emotion=F.cross_entropy(logits.float(), batch['label'], ignore_index=-1, reduction='none'))
-    losses['loss'] = losses['img'] + losses['clip'] + losses['text'] + config.train.emotion_weight * losses['emotion']
+    draws = [rand[k] for k in RAND_KEYS]
+    *eps, logits = noise_prediction(nnet, schedule, response, *draws, data_type, cond=cond)
+    losses = modality_losses(eps, draws[2:], weighting)
+    losses['emotion'] = F.cross_entropy(logits.float(), batch['label'], ignore_index=-1, reduction='none')
+    losses['loss'] = losses['loss'] + config.train.emotion_weight * losses['emotion']
     return losses, logits
 
 
@@ -137,11 +180,17 @@ def load_text_reducer(config, device):
 
 
 def make_optimizer(nnet, config):
-    """AdamW without weight decay on the model's ``no_weight_decay()`` parameters."""
+    """AdamW: no weight decay on ``no_weight_decay()``; the new (condition) parameters at condition_lr_scale × lr."""
     opt, skip = config.optimizer, nnet.no_weight_decay()
+    new = set(nnet.condition_parameters()) if getattr(nnet, 'condition', False) else set()
     named = [(n, p) for n, p in nnet.named_parameters() if p.requires_grad]
-    groups = [dict(params=[p for n, p in named if n not in skip], weight_decay=opt.weight_decay),
-              dict(params=[p for n, p in named if n in skip], weight_decay=0.)]
+    groups = []
+    for is_new in (False, True):
+        lr = opt.lr * (opt.condition_lr_scale if is_new else 1.)
+        for decays in (True, False):
+            params = [p for n, p in named if (n in new) == is_new and (n not in skip) == decays]
+            if params:
+                groups.append(dict(params=params, lr=lr, weight_decay=opt.weight_decay if decays else 0.))
     return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
@@ -153,6 +202,15 @@ def warmup(step: int, warmup_steps: int) -> float:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly FSDP-sharded) parameter."""
     return t.full_tensor() if hasattr(t, 'full_tensor') else t
+
+
+def ema_decay(step: int, rate: float) -> float:
+    """EMA rate with warm-up at optimizer step ``step`` (0-based): min(rate, (1 + step) / (10 + step)).
+
+    Without warm-up a 0.9999 EMA would still hold e^{-2} = 13.5% of the initial weights after 20k steps; with it the
+    average covers about the last tenth of training early on and converges to ``rate`` (diffusers' EMAModel rule).
+    """
+    return min(rate, (1. + step) / (10. + step))
 
 
 @torch.no_grad()
@@ -196,11 +254,9 @@ def export_nnet(state_dict: Dict[str, torch.Tensor], path: str, config, step: in
 
 def load_exported_nnet(path: str):
     """Rebuild a U-ViT from an exported ``nnet*.safetensors`` alone; returns (model, config dict)."""
-    try:
-        with safe_open(path, 'pt') as f:
-            config = json.loads(f.metadata()['config'])
-    except (OSError, KeyError, TypeError, ValueError) as err:
-        raise UserError(f'{path} is not a U-ViT exported by train_empath.py (no config metadata): {err}') from err
+    config = checkpoint_config(path)
+    if config is None:
+        raise UserError(f'{path} is not a U-ViT exported by train_empath.py (no config in its metadata)')
     nnet = build_nnet(config['nnet'])
     load_nnet_weights(nnet, path)
     return nnet, config
@@ -273,6 +329,37 @@ def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
     return state
 
 
+EXPORT, EXPORT_INFO = 'nnet_ema.safetensors', 'nnet_ema.json'
+
+
+def export_ema(run_dir: str, state: dict, newest_step: int) -> dict:
+    """Publish ``<run>/nnet_ema.safetensors``: the EMA network of the best checkpoint by validation loss (the newest
+    when there is no validation), with ``nnet_ema.json`` saying which. Returns that description.
+
+    The file is a hard link to the checkpoint's copy (a full copy where links are unsupported) put in place by an
+    atomic rename, so readers never see half a file and pruning the checkpoint later does not remove it.
+    """
+    step = state['best_step'] if state['best_step'] > 0 else newest_step
+    info = dict(step=step, selected_by='best validation EMA loss' if state['best_step'] > 0 else 'newest checkpoint',
+                val_ema_loss=state['best_val_loss'] if state['best_step'] > 0 else None,
+                checkpoint=os.path.join('ckpts', f'{step}.ckpt'))
+    path, meta = os.path.join(run_dir, EXPORT), os.path.join(run_dir, EXPORT_INFO)
+    if os.path.isfile(meta) and os.path.isfile(path):
+        with open(meta, encoding='utf-8') as f:
+            if json.load(f) == info:
+                return info
+    source, tmp = os.path.join(run_dir, info['checkpoint'], EXPORT), path + '.tmp'
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+    atomic_write_json(meta, info)
+    return info
+
+
 def prune_checkpoints(run_dir: str, keep_last: int, best_step: Optional[int]) -> None:
     """Delete all but the newest ``keep_last`` checkpoints and the best one."""
     steps = checkpoints(run_dir)
@@ -292,7 +379,7 @@ FINE_TO_COARSE_INDEX = [COARSE_7.index(FINE_TO_COARSE[e]) for e in EMOTIONS_32]
 @torch.no_grad()
 def evaluate(nets: dict, val_set, indices: Sequence[int], batch_size: int, accelerator, encode_text, schedule,
              config) -> dict:
-    """Validation losses and emotion metrics of each net on fixed pairs with fixed noise and no speaker dropout.
+    """Validation losses (and emotion metrics) of each net on fixed pairs with fixed noise and no speaker dropout.
 
     Pairs are dealt out to processes round-robin (padded to equal counts) and the per-pair results gathered, so
     the numbers do not depend on the number of processes.
@@ -308,7 +395,8 @@ def evaluate(nets: dict, val_set, indices: Sequence[int], batch_size: int, accel
     for s in range(0, n_local, batch_size):
         chunk = mine[s:s + batch_size]
         batch = to_device(torch.utils.data.default_collate([val_set[i] for i in chunk]), accelerator.device)
-        rand = to_device(draw_randomness(chunk, config.seed, 'val', config, schedule.N, 0.), accelerator.device)
+        rand = to_device(draw_randomness(chunk, config.seed, 'val', config, schedule.N, NO_DROPOUT),
+                         accelerator.device)
         labels.append(batch['label'])
         for name, net in nets.items():
             was_training = net.training
@@ -318,16 +406,18 @@ def evaluate(nets: dict, val_set, indices: Sequence[int], batch_size: int, accel
             net.train(was_training)
             for k in ('loss', *LOSS_TERMS):
                 results[name][k].append(losses[k].float())
-            results[name]['pred'].append(logits.argmax(-1))
+            if logits is not None:
+                results[name]['pred'].append(logits.argmax(-1))
     valid = accelerator.gather(valid.to(accelerator.device)).cpu()
     gold = accelerator.gather(torch.cat(labels)).cpu()[valid]
     metrics = {}
     for name, res in results.items():
-        gathered = {k: accelerator.gather(torch.cat(v)).cpu()[valid] for k, v in res.items()}
+        gathered = {k: accelerator.gather(torch.cat(v)).cpu()[valid] for k, v in res.items() if v}
         for k in ('loss', *LOSS_TERMS):
             metrics[f'{name}/{k}'] = gathered[k].mean().item()
-        report = emotion_report(gathered['pred'], gold, FINE_TO_COARSE_INDEX)
-        metrics.update({f'{name}/emotion_{k}': v for k, v in report.items() if k != 'n'})
+        if 'pred' in gathered:
+            report = emotion_report(gathered['pred'], gold, FINE_TO_COARSE_INDEX)
+            metrics.update({f'{name}/emotion_{k}': v for k, v in report.items() if k != 'n'})
     return metrics
 
 
@@ -338,6 +428,10 @@ def evaluate(nets: dict, val_set, indices: Sequence[int], batch_size: int, accel
 def load_sampling(config, caption_decoder, device):
     """Components for periodic samples, or None when sampling is off or libs.pipeline cannot be imported."""
     if config.train.sample_every <= 0:
+        return None
+    if not NETS[config.nnet.name].get('condition', False):
+        logger.info('periodic samples skipped: they show empath responses, and %s has no speaker segment',
+                    config.nnet.name)
         return None
     try:
         from libs import pipeline
@@ -358,9 +452,9 @@ def write_samples(components, nnet, batch: dict, out_dir: str, seed: int) -> Non
     ctx = pipeline.make_context(comp, torch.Generator(device).manual_seed(seed))
     B = len(batch['label'])
     z = sample_latent(batch['speaker_moments'], config.autoencoder.scale_factor, ctx.randn(B, *config.z_shape))
-    speaker = pipeline.speaker_condition(comp, ctx, B, z, batch['speaker_clip_img'],
-                                         comp.caption_decoder.encode_prefix(batch['speaker_text'].float()))
-    out = modes.get_mode('empath')(ctx, dict(speaker=speaker, speaker_absent=pipeline.speaker_condition(comp, ctx, B)))
+    speaker = pipeline.speaker_inputs(comp, ctx, B, z, batch['speaker_clip_img'],
+                                      comp.caption_decoder.encode_prefix(batch['speaker_text'].float()))
+    out = modes.get_mode('empath')(ctx, speaker)
     images, texts = pipeline.decode_images(comp, out['z']), pipeline.decode_texts(comp, out['text'])
     emotions = pipeline.top_emotions(out['emotion'], list(EMOTIONS_32))
     os.makedirs(out_dir, exist_ok=True)

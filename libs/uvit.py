@@ -2,11 +2,20 @@
 
 Layout follows the official post-LN U-ViT (thu-ml/unidiffuser ``uvit_multi_post_ln{,_v1}``) key for key, so the
 official checkpoints load strictly. EmpathDiffuser adds a clean *condition segment* (the speaker turn) that reuses
-the embedding layers, an [EMO] token read by an emotion head, and prefix attention: condition tokens attend only
-to themselves, response tokens attend to everything. With prefix attention the condition stream is a function of
-the speaker turn alone, so ``encode_condition`` runs it once and every sampling step reuses its keys/values.
+the embedding layers, an [EMO] token read by an emotion head, and gated prefix attention (DESIGN §2):
+
+    condition tokens and [EMO]:  attn(q_c, K_c, V_c)                              (the speaker path)
+    response tokens:             attn(q, K_resp, V_resp) + g_l · attn(q, K_c, V_c)
+
+with one gate per head and block, zero-initialised (LLaMA-Adapter's zero-init attention, Flamingo's gated
+cross-attention). A model freshly built from an official checkpoint therefore computes exactly what UniDiffuser
+computes, for any speaker turn, and the fine-tune starts from the pretrained network. The speaker path depends on
+the speaker turn alone, so ``encode_condition`` runs it once and every sampling step reuses its keys/values (prefix
+caching); both attention calls are unmasked, so SDPA can take its flash kernel.
 """
+import json
 import math
+import os
 from typing import List, NamedTuple, Optional, Tuple
 
 import einops
@@ -16,8 +25,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from libs.errors import UserError
-
-ATTENTION_MODES = ('prefix', 'full')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,13 +89,14 @@ KV = Tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through SDPA in the autocast dtype; optional extra keys/values (prefix attention).
+    """Multi-head self-attention through SDPA in the autocast dtype, optionally gated over cached speaker keys.
 
     The official code upcasts q/k/v to fp32 to dodge fp16 overflow; we train and sample in bf16 (fp32 range), where
-    that upcast would only rule out the flash kernel.
+    that upcast would only rule out the flash kernel. ``gated`` adds ``cond_gate`` (one zero-initialised gate per
+    head) for the response tokens' attention over the condition segment.
     """
 
-    def __init__(self, dim, num_heads, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.):
+    def __init__(self, dim, num_heads, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0., gated=False):
         super().__init__()
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
@@ -96,33 +104,41 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.cond_gate = nn.Parameter(torch.zeros(num_heads)) if gated else None
 
-    def forward(self, x: torch.Tensor, extra_kv: Optional[KV] = None) -> Tuple[torch.Tensor, KV]:
-        # x: (B, L, D); extra_kv: (B, H, L', D/H) each -> out (B, L, D), own (k, v)
+    def _sdpa(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.,
+                                              scale=self.scale)
+
+    def forward(self, x: torch.Tensor, cond_kv: Optional[KV] = None,
+                keep_kv: bool = False) -> Tuple[torch.Tensor, Optional[KV]]:
+        # x: (B, L, D); cond_kv: (B, H, Lc, D/H) each -> out (B, L, D), own (k, v) if keep_kv else None
         q, k, v = einops.rearrange(self.qkv(x), 'B L (K H D) -> K B H L D', K=3, H=self.num_heads).unbind(0)
-        k_all, v_all = (k, v) if extra_kv is None else (torch.cat([k, extra_kv[0]], 2), torch.cat([v, extra_kv[1]], 2))
-        out = F.scaled_dot_product_attention(q, k_all, v_all, dropout_p=self.attn_drop if self.training else 0.,
-                                             scale=self.scale)
-        return self.proj_drop(self.proj(einops.rearrange(out, 'B H L D -> B L (H D)'))), (k, v)
+        out = self._sdpa(q, k, v)                                                   # (B, H, L, D/H)
+        if cond_kv is not None:
+            gate = self.cond_gate.to(out.dtype).view(1, -1, 1, 1)
+            out = out + gate * self._sdpa(q, *cond_kv)
+        out = self.proj_drop(self.proj(einops.rearrange(out, 'B H L D -> B L (H D)')))
+        return out, ((k, v) if keep_kv else None)
 
 
 class Block(nn.Module):
     """Post-LN transformer block; blocks of the second half fuse a long skip connection first."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None, drop=0., attn_drop=0.,
-                 skip=False):
+                 skip=False, gated=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim) if skip else None
         self.norm2 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, gated)
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
 
-    def forward(self, x, skip=None, extra_kv=None):  # (B, L, D) -> (B, L, D), own (k, v)
+    def forward(self, x, skip=None, cond_kv=None, keep_kv=False):  # (B, L, D) -> (B, L, D), own (k, v) or None
         if self.skip_linear is not None:
             x = self.norm1(self.skip_linear(torch.cat([x, skip], dim=-1)))
-        attn, kv = self.attn(x, extra_kv)
+        attn, kv = self.attn(x, cond_kv, keep_kv)
         x = self.norm2(x + attn)
         return self.norm3(x + self.mlp(x)), kv
 
@@ -147,17 +163,14 @@ class UViT(nn.Module):
     def __init__(self, img_size, in_chans, patch_size, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.,
                  qkv_bias=False, qk_scale=None, pos_drop_rate=0., drop_rate=0., attn_drop_rate=0.,
                  mlp_time_embed=False, use_checkpoint=False, text_dim=None, num_text_tokens=None, clip_img_dim=None,
-                 use_data_type=True, num_data_types=2, condition=False, num_emotions=32, emotion_hidden=None,
-                 attention='prefix'):
+                 use_data_type=True, num_data_types=2, condition=False, num_emotions=32, emotion_hidden=None):
         super().__init__()
-        if attention not in ATTENTION_MODES:
-            raise UserError(f'nnet.attention={attention!r} is not one of {ATTENTION_MODES}')
         self.in_chans, self.patch_size, self.embed_dim = in_chans, patch_size, embed_dim
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.num_text_tokens, self.use_checkpoint = num_text_tokens, use_checkpoint
-        self.use_data_type, self.condition, self.attention = use_data_type, condition, attention
+        self.use_data_type, self.condition = use_data_type, condition
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.time_img_embed = self._time_mlp(embed_dim) if mlp_time_embed else nn.Identity()
@@ -169,7 +182,7 @@ class UViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         block = dict(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                     drop=drop_rate, attn_drop=attn_drop_rate)
+                     drop=drop_rate, attn_drop=attn_drop_rate, gated=condition)
         self.in_blocks = nn.ModuleList([Block(**block) for _ in range(depth // 2)])
         self.mid_block = Block(**block)
         self.out_blocks = nn.ModuleList([Block(**block, skip=True) for _ in range(depth // 2)])
@@ -182,7 +195,8 @@ class UViT(nn.Module):
             self.pos_embed_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         if condition:
             # The speaker segment has the v0 token layout, so its positions start as a copy of pos_embed (see
-            # init_condition_from_pretrained); the zero segment embedding starts the fine-tune from the
+            # init_condition_from_pretrained) and the segment embedding at zero: the speaker path starts as the
+            # pretrained network run on the speaker turn. The gates (cond_gate, zero) start the response from the
             # pretrained behaviour.
             self.pos_embed_cond = nn.Parameter(self.pos_embed.detach().clone())
             self.segment_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -208,9 +222,18 @@ class UViT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def no_weight_decay(self):
-        """Parameter names excluded from weight decay."""
+        """Parameter names excluded from weight decay (embeddings and gates: decay would pull them to zero)."""
         names = {'pos_embed', 'pos_embed_token', 'pos_embed_cond', 'segment_embed', 'emo_token'}
-        return {n for n, _ in self.named_parameters() if n in names}
+        return {n for n, _ in self.named_parameters() if n in names or n.endswith('.cond_gate')}
+
+    def condition_parameters(self):
+        """Names of the parameters that UniDiffuser does not have (the speaker segment, gates, [EMO], head)."""
+        return [n for n, _ in self.named_parameters() if is_condition_key(n)]
+
+    def condition_is_trained(self) -> bool:
+        """Whether the speaker can influence the response: some gate moved away from its zero initialisation."""
+        gates = [b.attn.cond_gate for b, _ in self._blocks() if b.attn.cond_gate is not None]
+        return bool(gates) and any(bool(g.detach().ne(0).any()) for g in gates)
 
     # -- token assembly ------------------------------------------------------------------------------------------
 
@@ -245,29 +268,30 @@ class UViT(nn.Module):
         """Blocks in execution order, each with whether it consumes a skip."""
         return [(b, False) for b in self.in_blocks] + [(self.mid_block, False)] + [(b, True) for b in self.out_blocks]
 
-    def _run(self, x, extra_kvs=None):
-        """Run the U-shaped stack; returns the final hidden states and every block's own (k, v)."""
+    def _run(self, x, cond_kvs=None, keep_kv=False):
+        """Run the U-shaped stack; returns the final hidden states and, if ``keep_kv``, every block's own (k, v)."""
         skips, kvs = [], []
         n_in = len(self.in_blocks)
         for i, (blk, takes_skip) in enumerate(self._blocks()):
             skip = skips.pop() if takes_skip else None
-            extra = None if extra_kvs is None else extra_kvs[i]
+            cond_kv = None if cond_kvs is None else cond_kvs[i]
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                x, kv = torch.utils.checkpoint.checkpoint(blk, x, skip, extra, use_reentrant=False)
+                x, kv = torch.utils.checkpoint.checkpoint(blk, x, skip, cond_kv, keep_kv, use_reentrant=False)
             else:
-                x, kv = blk(x, skip, extra)
+                x, kv = blk(x, skip, cond_kv, keep_kv)
             if i < n_in:
                 skips.append(x)
-            kvs.append(kv)
+            if keep_kv:
+                kvs.append(kv)
         return self.norm(x), kvs
 
     # -- public API ----------------------------------------------------------------------------------------------
 
     def encode_condition(self, cond: dict) -> ConditionCache:
-        """Speaker path under prefix attention: computed once per sample, reused at every sampling step."""
-        if not self.condition or self.attention != 'prefix':
-            raise ValueError('encode_condition needs a conditional model with prefix attention')
-        c, kvs = self._run(self._embed_condition(cond))
+        """The speaker path: computed once per sample, its keys/values reused at every sampling step."""
+        if not self.condition:
+            raise ValueError('encode_condition needs a conditional model (nnet.name=uvit_empath)')
+        c, kvs = self._run(self._embed_condition(cond), keep_kv=True)
         return ConditionCache(kvs, self.emotion_head(c[:, -1]))
 
     def forward(self, img, clip_img, text, t_img, t_text, data_type=None, cond=None, cond_cache=None):
@@ -283,23 +307,16 @@ class UViT(nn.Module):
         if (cond is not None or cond_cache is not None) and not self.condition:
             raise ValueError('this U-ViT has no condition segment (nnet.condition=False)')
         B, _, H, W = img.shape
+        if cond is not None:
+            cond_cache = self.encode_condition(cond)
         x = self._embed(img, clip_img, text, t_img, t_text, data_type)          # (B, L, D)
+        x, _ = self._run(x, None if cond_cache is None else cond_cache.kv)       # (B, L, D)
         n_pre = 3 if data_type is not None else 2
-        emotion = None
-        if cond is not None and self.attention == 'full':
-            c = self._embed_condition(cond)                                       # (B, Lc + 1, D)
-            h, _ = self._run(torch.cat([x, c], dim=1))
-            x, emotion = h[:, :x.shape[1]], self.emotion_head(h[:, -1])
-        else:
-            if cond is not None:
-                cond_cache = self.encode_condition(cond)
-            x, _ = self._run(x, None if cond_cache is None else cond_cache.kv)
-            emotion = None if cond_cache is None else cond_cache.emotion_logits
         n_img = x.shape[1] - n_pre - text.shape[1] - 1
         _, text_out, clip_out, img_out = x.split((n_pre, text.shape[1], 1, n_img), dim=1)
         img_out = unpatchify(self.decoder_pred(img_out), self.in_chans, H // self.patch_size, W // self.patch_size)
         out = (img_out, self.clip_img_out(clip_out), self.text_out(text_out))
-        return out if emotion is None else out + (emotion,)
+        return out if cond_cache is None else out + (cond_cache.emotion_logits,)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,9 +346,30 @@ def init_condition_from_pretrained(model: UViT) -> None:
         model.pos_embed_cond.copy_(model.pos_embed)
 
 
-CONDITION_KEYS = ('pos_embed_cond', 'segment_embed', 'emo_token', 'emotion_head.')
+CONDITION_KEYS = ('pos_embed_cond', 'segment_embed', 'emo_token', 'emotion_head.')  # prefixes of new keys
+GATE_KEY = '.attn.cond_gate'
+
+
+def is_condition_key(name: str) -> bool:
+    """Whether a state-dict key belongs to the EmpathDiffuser additions (absent from official checkpoints)."""
+    return name.startswith(CONDITION_KEYS) or name.endswith(GATE_KEY)
+
+
 NNET_HINT = ('Get uvit_v1.pth (or uvit_v0.pth) from the Hugging Face repo thu-ml/unidiffuser-v1 (-v0) into models/, '
              'or pass --nnet_path with a checkpoint exported by train_empath.py.')
+
+
+def checkpoint_config(path: str) -> Optional[dict]:
+    """The resolved config a train_empath.py export carries in its metadata (None for other files)."""
+    if not path.endswith('.safetensors') or not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, 'pt') as f:
+            config = json.loads((f.metadata() or {})['config'])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return config if isinstance(config, dict) and 'nnet' in config else None
 
 
 def load_nnet_weights(model: UViT, path: str, log=None) -> List[str]:
@@ -344,8 +382,8 @@ def load_nnet_weights(model: UViT, path: str, log=None) -> List[str]:
     from libs.io import describe_mismatch, read_state_dict
     sd = read_state_dict(path, 'U-ViT checkpoint', NNET_HINT)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    new = [k for k in expected if k not in sd and k.startswith(CONDITION_KEYS)]
-    if new and any(k in sd for k in expected if k.startswith(CONDITION_KEYS)):
+    new = [k for k in expected if k not in sd and is_condition_key(k)]
+    if new and any(k in sd for k in expected if is_condition_key(k)):
         new = []  # a fine-tuned checkpoint must carry the whole condition segment
     problems = describe_mismatch({k: s for k, s in expected.items() if k not in new},
                                  {k: v.shape for k, v in sd.items()})
@@ -356,8 +394,15 @@ def load_nnet_weights(model: UViT, path: str, log=None) -> List[str]:
     if new:
         init_condition_from_pretrained(model)
         if log is not None:
-            log.info('initialised %d new parameters not in %s: %s', len(new), path, ', '.join(new))
+            log.info('initialised %d new parameters not in %s: %s', len(new), path, summarize_keys(new))
     return new
+
+
+def summarize_keys(keys: List[str]) -> str:
+    """Keys for a log line, the per-block gates folded into one entry."""
+    gates = [k for k in keys if k.endswith(GATE_KEY)]
+    rest = [k for k in keys if not k.endswith(GATE_KEY)]
+    return ', '.join(rest + ([f'*{GATE_KEY} ({len(gates)} blocks)'] if gates else []))
 
 
 def cat_conditions(caches: List[ConditionCache]) -> ConditionCache:

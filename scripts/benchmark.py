@@ -36,6 +36,8 @@ flags.DEFINE_integer('steps', None, 'sampling steps = NFE (default: 50 at full s
 flags.DEFINE_integer('repeats', None, 'timed runs per measurement, median reported (default: 1 at mid, 3 otherwise)')
 flags.DEFINE_boolean('compile', False, 'torch.compile the U-ViTs (libs.pipeline.compile_nnet)')
 flags.DEFINE_boolean('forward_only', False, 'time only U-ViT forwards (full size on a CPU takes seconds each)')
+flags.DEFINE_boolean('profile', False, 'profile the response forward against a plain SDPA transformer of the same '
+                     'size (then nothing else is measured)')
 flags.DEFINE_float('max_minutes', None, 'stop measuring after this long and list what was skipped (default: 7.5 '
                    'at full size, none otherwise)')
 
@@ -64,10 +66,30 @@ def seconds(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn, device, repeats, warmup=None):
-    """(warm-up seconds, median seconds of fn() over repeats); the warm-up is ``warmup`` or one fn() call."""
-    first = seconds(warmup or fn, device)
-    return first, statistics.median(seconds(fn, device) for _ in range(repeats))
+def interleaved(fns: dict, device, repeats, warmups: dict = None) -> dict:
+    """{key: (warm-up seconds, median seconds)}: each fn warmed up once (by ``warmups[key]`` if given), then the
+    repeats taken in turns, so that a shared machine's changing load weighs on every fn alike."""
+    first = {k: seconds((warmups or fns)[k], device) for k in fns}
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(seconds(fn, device))
+    return {k: (first[k], statistics.median(times[k])) for k in fns}
+
+
+def timed(fn, device, repeats) -> float:
+    """Median seconds of fn() over repeats after one warm-up call."""
+    return interleaved({0: fn}, device, repeats)[0][1]
+
+
+def under(device, dtype, fn):
+    """fn run without gradients in the autocast of ``dtype`` (None = fp32)."""
+    from libs import precision
+
+    def run():
+        with torch.no_grad(), precision.autocast(device, dtype):
+            return fn()
+    return run
 
 
 class Budget:
@@ -155,57 +177,69 @@ def run_mode(comp, ctx, mode, inputs):
 # Measurements
 # ----------------------------------------------------------------------------------------------------------------
 
+def forward_cases(nets, x, t, dt, cond, cache):
+    """(what, fn) for each U-ViT forward measured: plain v1, EmpathDiffuser with the speaker cached or recomputed."""
+    v1, empath = nets['v1'].nnet, nets['empath'].nnet
+    z, clip_img, text = x['z'], x['clip_img'], x['text']
+    return [('v1, no speaker', lambda: v1(z, clip_img, text, t, t, dt)),
+            ('empath, speaker cached', lambda: empath(z, clip_img, text, t, t, dt, cond_cache=cache)),
+            ('empath, speaker recomputed', lambda: empath(z, clip_img, text, t, t, dt, cond=cond)),
+            ('speaker path (encode_condition)', lambda: empath.encode_condition(cond))]
+
+
 def forward_rows(nets, config, device, precisions, batches, repeats, budget):
-    """Seconds per row of a U-ViT forward: plain v1, EmpathDiffuser with the speaker cached or recomputed."""
+    """(what, batch, precision, seconds per row) of every forward case, the precisions timed in turns."""
     from libs import precision as P
     rows = []
-    for name in precisions:
-        prec = P.resolve(name, device)
-        for B in batches:
-            x = random_inputs(config, device, B)
-            t = torch.full((B,), 500., device=device)
-            dt = torch.ones(B, dtype=torch.long, device=device)
-            cond = dict(img=x['z'], clip_img=x['clip_img'], text=x['text'], t_img=t * 0, t_text=t * 0)
-            v1, empath = nets['v1'].nnet, nets['empath'].nnet
-            with torch.no_grad(), P.autocast(device, prec.dtype):
-                cache = empath.encode_condition(cond)
-                cases = [('v1, no speaker', lambda: v1(x['z'], x['clip_img'], x['text'], t, t, dt)),
-                         ('empath, speaker cached', lambda: empath(x['z'], x['clip_img'], x['text'], t, t, dt,
-                                                                   cond_cache=cache)),
-                         ('empath, speaker recomputed', lambda: empath(x['z'], x['clip_img'], x['text'], t, t, dt,
-                                                                       cond=cond)),
-                         ('speaker path (encode_condition)', lambda: empath.encode_condition(cond))]
-                for what, fn in cases:
-                    if budget.spent(f'forward {what}, {name}, batch {B}'):
-                        continue
-                    _, s = timed(fn, device, repeats)
-                    rows.append((what, B, f'{name} ({prec.name})', s / B))
+    for B in batches:
+        if budget.spent(f'U-ViT forwards, batch {B}'):
+            continue
+        x = random_inputs(config, device, B)
+        t, dt = torch.full((B,), 500., device=device), torch.ones(B, dtype=torch.long, device=device)
+        cond = dict(img=x['z'], clip_img=x['clip_img'], text=x['text'], t_img=t * 0, t_text=t * 0)
+        fns, labels = {}, {}
+        for name in precisions:
+            prec = P.resolve(name, device)
+            cache = under(device, prec.dtype, lambda: nets['empath'].nnet.encode_condition(cond))()
+            labels[name] = f'{name} ({prec.name})'
+            for what, fn in forward_cases(nets, x, t, dt, cond, cache):
+                fns[what, name] = under(device, prec.dtype, fn)
+        for (what, name), (_, s) in interleaved(fns, device, repeats).items():
+            rows.append((what, B, labels[name], s / B))
     return rows
 
 
 def mode_rows(nets, config, device, modes_, precisions, batches, steps, repeats, budget):
-    """Seconds per sample of each mode at each precision and batch, with the warm-up (compile) seconds."""
+    """Seconds per sample of each mode at each precision (timed in turns) and batch, with the warm-up seconds."""
     from libs import modes
     results = {}
     for mode in modes_:
         comp = nets['empath' if mode in modes.EMPATH_MODES else 'v1']
-        for name in precisions:
-            for B in batches:
-                if budget.spent(f'{mode}, {name}, batch {B}'):
-                    continue
-                if config.nnet.compile:
-                    torch._dynamo.reset()  # each measurement compiles afresh, as a new sample_multi.py run does
-                if device.type == 'cuda':
-                    torch.cuda.reset_peak_memory_stats(device)
-                inputs, outputs = random_inputs(config, device, B), []
-                warm_ctx, ctx = context(comp, name, 1), context(comp, name, steps)
-                first, s = timed(lambda: outputs.append(run_mode(comp, ctx, mode, inputs)), device, repeats,
-                                 warmup=lambda: run_mode(comp, warm_ctx, mode, inputs))
-                memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
+        for B in batches:
+            if budget.spent(f'{mode}, batch {B}'):
+                continue
+            if config.nnet.compile:
+                torch._dynamo.reset()  # the warm-ups compile afresh, as a new sample_multi.py run does
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            inputs = random_inputs(config, device, B)
+            fns, warmups, outputs, ctxs = {}, {}, {}, {}
+            for name in precisions:
+                warm_ctx, ctxs[name], outputs[name] = context(comp, name, 1), context(comp, name, steps), []
+                fns[name] = sampler_run(comp, ctxs[name], mode, inputs, outputs[name])
+                warmups[name] = sampler_run(comp, warm_ctx, mode, inputs, [])
+            timings = interleaved(fns, device, repeats, warmups)
+            memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
+            for name, (first, s) in timings.items():
                 # The first timed run starts from the same seed at every precision: its outputs are comparable.
                 results[mode, name, B] = dict(per_sample=s / B, warmup=first, memory=memory,
-                                              precision=ctx.autocast_dtype, outputs=outputs[0])
+                                              precision=ctxs[name].autocast_dtype, outputs=outputs[name][0])
     return results
+
+
+def sampler_run(comp, ctx, mode, inputs, outputs: list):
+    """A function running one sample batch of a mode and keeping its outputs in ``outputs``."""
+    return lambda: outputs.append(run_mode(comp, ctx, mode, inputs))
 
 
 def caption_rows(config, device, batches, repeats, budget):
@@ -221,8 +255,97 @@ def caption_rows(config, device, batches, repeats, budget):
             continue
         with torch.no_grad():
             prefix = decoder.decode_prefix(torch.randn(B, config.num_text_tokens, config.text_dim, device=device))
-            rows.append((B, timed(lambda: decoder.beam_search(prefix), device, repeats)[1] / B))
+            rows.append((B, timed(lambda: decoder.beam_search(prefix), device, repeats) / B))
     return rows
+
+
+class PlainBlock(torch.nn.Module):
+    """The textbook post-LN SDPA block of the U-ViT's width, optionally with its long-skip fusion and gated keys."""
+
+    def __init__(self, dim, heads, mlp_ratio, skip):
+        super().__init__()
+        nn = torch.nn
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.skip = nn.Sequential(nn.Linear(2 * dim, dim), nn.LayerNorm(dim)) if skip else None
+
+    def forward(self, x, skip=None, cond_kv=None):
+        B, L, D = x.shape
+        if self.skip is not None:
+            x = self.skip(torch.cat([x, skip], -1))
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if cond_kv is not None:
+            a = a + 0.5 * torch.nn.functional.scaled_dot_product_attention(q, *cond_kv)
+        x = self.norm2(x + self.proj(a.transpose(1, 2).reshape(B, L, D)))
+        return self.norm3(x + self.mlp(x))
+
+
+class PlainTransformer(torch.nn.Module):
+    """A plain SDPA transformer with the U-ViT's blocks and long skips, fed ready-made tokens (no embedding)."""
+
+    def __init__(self, nnet):
+        super().__init__()
+        d, h = nnet.embed_dim, nnet.mid_block.attn.num_heads
+        r = nnet.mid_block.mlp.fc1.out_features / d
+        n = len(nnet.in_blocks)
+        self.blocks = torch.nn.ModuleList([PlainBlock(d, h, r, skip=i > n) for i in range(2 * n + 1)])
+        self.norm, self.n = torch.nn.LayerNorm(d), n
+
+    def forward(self, x, cond_kvs=None):
+        skips = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, skips.pop() if i > self.n else None, None if cond_kvs is None else cond_kvs[i])
+            if i < self.n:
+                skips.append(x)
+        return self.norm(x)
+
+
+def profile_rows(nets, config, device, precision_name, B, repeats):
+    """(what, U-ViT s/row, plain s/row) and per-op self-times (ms per forward) of both, at one precision and batch."""
+    from torch.profiler import ProfilerActivity, profile
+    from libs import precision as P
+    prec = P.resolve(precision_name, device)
+    x = random_inputs(config, device, B)
+    t = torch.full((B,), 500., device=device)
+    dt = torch.ones(B, dtype=torch.long, device=device)
+    cond = dict(img=x['z'], clip_img=x['clip_img'], text=x['text'], t_img=t * 0, t_text=t * 0)
+    v1, empath = nets['v1'].nnet, nets['empath'].nnet
+    plain = PlainTransformer(v1).to(device).eval().requires_grad_(False)
+    L = v1.num_tokens + 1  # + v1's data-type token
+    tokens = torch.randn(B, L, v1.embed_dim, device=device)
+    with torch.no_grad(), P.autocast(device, prec.dtype):
+        cache = empath.encode_condition(cond)
+        cases = [('no speaker', lambda: v1(x['z'], x['clip_img'], x['text'], t, t, dt), lambda: plain(tokens)),
+                 ('speaker cached', lambda: empath(x['z'], x['clip_img'], x['text'], t, t, dt, cond_cache=cache),
+                  lambda: plain(tokens, cache.kv))]
+        rows, ops = [], {}
+        for what, uvit_fn, plain_fn in cases:
+            got = interleaved({'U-ViT': uvit_fn, 'plain': plain_fn}, device, repeats)
+            rows.append((what, got['U-ViT'][1] / B, got['plain'][1] / B))
+            for name, fn in (('U-ViT', uvit_fn), ('plain', plain_fn)):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(repeats):
+                        fn()
+                for e in prof.key_averages():
+                    ops.setdefault(what, {}).setdefault(e.key, {})[name] = e.self_cpu_time_total / 1e3 / repeats
+    return rows, ops
+
+
+def print_profile(rows, ops, precision_name, B):
+    """The per-row comparison and, per case, the ops by U-ViT self-time (those over 1% of its forward)."""
+    print(f'| response forward ({precision_name}, batch {B}) | U-ViT s/row | plain SDPA transformer s/row | ratio |')
+    print('|---|---|---|---|')
+    for what, u, p in rows:
+        print(f'| {what} | {u:.4f} | {p:.4f} | {u / p:.3f} |')
+    for what, table in ops.items():
+        total = sum(v.get('U-ViT', 0) for v in table.values())
+        print(f'\n{what}: CPU self-time per forward (ms), ops over 1% of the U-ViT\'s {total:.1f} ms\n')
+        print('| op | U-ViT | plain |\n|---|---|---|')
+        for op, v in sorted(table.items(), key=lambda kv: -kv[1].get('U-ViT', 0)):
+            if v.get('U-ViT', 0) > 0.01 * total:
+                print(f'| {op} | {v.get("U-ViT", 0):.2f} | {v.get("plain", 0):.2f} |')
 
 
 class EosOnlyTokenizer:
@@ -329,6 +452,11 @@ def main(argv):
     print(f'\n{FLAGS.size} U-ViT ({params:.1f}M parameters with the EmpathDiffuser additions, '
           f'{config.nnet.embed_dim} wide, depth {config.nnet.depth}), {machine(device)}'
           f'{", torch.compile" if FLAGS.compile else ""}\n')
+    if FLAGS.profile:
+        for name in precisions:
+            print_profile(*profile_rows(nets, config, device, name, batches[-1], repeats), name, batches[-1])
+            print()
+        return
     fwd = forward_rows(nets, config, device, precisions, batches, repeats, budget)
     print('| U-ViT forward | batch | precision | s/row |\n|---|---|---|---|')
     for what, B, name, s in fwd:

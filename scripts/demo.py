@@ -108,11 +108,11 @@ def extract(config, flag, folder):
     """Feature caches of both splits (extract_features.py)."""
     import extract_features
     commands = []
-    for split in ('train', 'test'):
+    for split in extract_features.SPLITS:
         commands.append(command('extract_features.py', flag, f'--split={split}'))
         extract_features.extract(config, split)
     counts = {}
-    for key in ('train', 'val'):
+    for key in extract_features.SPLITS:
         with open(os.path.join(config.data[key], 'manifest.json'), encoding='utf-8') as f:
             counts[key] = json.load(f)['num_pairs']
     return dict(commands=commands, pairs=counts)
@@ -152,10 +152,10 @@ def evaluate(config, flag, folder, nnet_path):
         logger.info('FID skipped: no Inception-v3 weights on this machine (see the report for where to put them)')
     import eval_avamerg
     cfg = config.demo.eval
-    line = command('eval_avamerg.py', flag, f'--nnet_path={nnet_path}', f'--features={config.data.val}',
+    line = command('eval_avamerg.py', flag, f'--nnet_path={nnet_path}', f'--features={config.data.test}',
                    f'--output_path={folder}', f'--limit={cfg.pairs}', f'--batch_size={cfg.batch_size}',
                    *(['--skip_fid'] if fid_note else []))
-    summary = eval_avamerg.evaluate(config, nnet_path, 'test', config.data.val, cfg.pairs, fid_note is not None,
+    summary = eval_avamerg.evaluate(config, nnet_path, 'test', config.data.test, cfg.pairs, fid_note is not None,
                                     folder, cfg.batch_size)
     majority = demo.majority_rates(demo.read_jsonl(os.path.join(folder, 'pairs.jsonl')))
     return dict(commands=[line], metrics=summary['metrics'], majority=majority, fid_skipped_because=fid_note,

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from libs.diffusion import (SAMPLERS, NoiseScheduleVP, Schedule, cfg, dpm_solver_pp_2m, dpm_solver_pp_fast,
-                            fast_orders, get_sampler, interp, mse_per_sample, stable_diffusion_betas)
+from libs.diffusion import (SAMPLERS, NoiseScheduleVP, Schedule, cfg, cfg_two_scale, dpm_solver_pp_2m,
+                            dpm_solver_pp_fast, fast_orders, get_sampler, interp, modality_losses, mse_per_sample,
+                            stable_diffusion_betas)
 from libs.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +162,35 @@ def test_cfg_formula():
     assert isinstance(out, tuple) and len(out) == 3
     for o, ci in zip(out, (c, 2 * c, 3 * c)):
         assert torch.equal(o, ci + 2. * (ci - u))
+
+
+def test_two_scale_guidance_formula():
+    full, text, none = torch.tensor([1., 2.]), torch.tensor([0.5, 3.]), torch.tensor([-1., 1.])
+    # InstructPix2Pix: ε_∅ + S_t (ε_t − ε_∅) + S_f (ε_tf − ε_t), with S = s + 1 in UniDiffuser's convention.
+    ip2p = none + (2. + 1) * (text - none) + (5. + 1) * (full - text)
+    torch.testing.assert_close(cfg_two_scale(full, text, none, 2., 5.), ip2p)
+    torch.testing.assert_close(cfg_two_scale(full, text, none, 3., 3.), cfg(full, none, 3.))
+    assert torch.equal(cfg_two_scale(full, text, none, 0., 0.), full)
+    out = cfg_two_scale((full, 2 * full), (text, text), (none, none), 1., 2.)
+    assert isinstance(out, tuple) and torch.equal(out[1], cfg_two_scale(2 * full, text, none, 1., 2.))
+
+
+@pytest.mark.parametrize('weighting', ['per_modality', 'concat'])
+def test_modality_losses(weighting):
+    g = torch.Generator().manual_seed(0)
+    eps = [torch.randn(3, *s, generator=g) for s in ((4, 2, 2), (1, 5), (6, 3))]
+    targets = [torch.randn(e.shape, generator=g) for e in eps]
+    losses = modality_losses(eps, targets, weighting)
+    per = [((e - t) ** 2).flatten(1).mean(1) for e, t in zip(eps, targets)]
+    for k, m in zip(('img', 'clip', 'text'), per):
+        torch.testing.assert_close(losses[k], m)
+    if weighting == 'per_modality':
+        torch.testing.assert_close(losses['loss'], per[0] + per[1] + per[2])
+    else:  # one MSE over the concatenation
+        flat = lambda xs: torch.cat([x.flatten(1) for x in xs], 1)
+        torch.testing.assert_close(losses['loss'], ((flat(eps) - flat(targets)) ** 2).mean(1))
+    with pytest.raises(UserError, match='loss_weighting'):
+        modality_losses(eps, targets, 'sum')
 
 
 # ----------------------------------------------------------------------------------------------------------------

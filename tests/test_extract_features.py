@@ -272,3 +272,23 @@ def test_malformed_json_names_file_dialogue_and_field(tiny, tmp_path):
     with pytest.raises(UserError, match=rf"train\.json: dialogue {dialogues[1]['conversation_id']} .*'response'"):
         extract(tiny_config(models, root=root, train=out))
     assert not os.path.exists(os.path.join(out, MANIFEST))
+
+
+def test_val_split_is_held_out_of_train_json_and_precision_is_recorded(tiny, tmp_path):
+    models, data = tiny
+    ids = {}
+    for split in ('train', 'val'):
+        config = tiny_config(models, root=data, val_fraction=0.8, **{split: str(tmp_path / split)})
+        manifest = read_manifest(extract(config, split))
+        assert manifest['split'] == split and manifest["val_fraction"] == 0.8
+        assert manifest['vae_precision'] == 'float32' and manifest['clip_autocast'] == 'float32'  # CPU: no autocast
+        assert manifest['caption_decoder'] == config.caption_decoder.pretrained_path
+        cache = FeatureDataset(str(tmp_path / split))
+        ids[split] = {cache[i]['conversation_id'] for i in range(len(cache))}
+        assert {cache[i]['split'] for i in range(len(cache))} == {split}
+    with open(os.path.join(data, 'train.json')) as f:
+        everything = {d['conversation_id'] for d in json.load(f)}
+    assert ids['train'] and ids['val'] and not ids['train'] & ids['val']
+    assert ids['train'] | ids['val'] <= everything
+    with pytest.raises(UserError, match='split'):
+        extract(tiny_config(models, root=data), 'dev')

@@ -22,7 +22,7 @@ def random_record(i, g):
                 response_clip_img=torch.randn(SHAPES['clip'], generator=g),
                 speaker_text=torch.randn(SHAPES['text'], generator=g),
                 response_text=torch.randn(SHAPES['text'], generator=g),
-                label=i % 32 - 1, coarse_label=i % 7,
+                label=i % 32 - 1, coarse_label=i % 7, split='train',
                 conversation_id=f'{i // 3:05d}', turn_id=str(i % 3), speaker_stem=f'dia{i // 3:05d}utt{2 * (i % 3)}_1',
                 response_stem=f'dia{i // 3:05d}utt{2 * (i % 3) + 1}_2', speaker_text_raw=f'speaker {i}',
                 response_text_raw=f'response {i} — ok', emotion='anxious')

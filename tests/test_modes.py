@@ -16,6 +16,10 @@ TINY = dict(img_size=4, in_chans=4, patch_size=2, embed_dim=32, depth=2, num_hea
 def make_ctx(name='uvit_multi_post_ln_v1', seed=0, scale=3., steps=3, **kw):
     torch.manual_seed(0)
     nnet = build_nnet(dict(TINY, name=name)).eval()
+    with torch.no_grad():  # gates open (a fresh model's are zero), so that the speaker matters
+        for name_, p in nnet.named_parameters():
+            if name_.endswith('cond_gate'):
+                p.normal_()
     betas = stable_diffusion_betas()
     return modes.Context(nnet=nnet, sampler=dpm_solver_pp_fast, schedule=NoiseScheduleVP(betas), N=len(betas),
                          steps=steps, scale=scale, z_shape=(4, 4, 4), clip_img_dim=8, text_shape=(5, 6),
@@ -136,6 +140,33 @@ def test_scale_zero_runs_one_pass_per_step():
     ctx.nnet = rec
     modes.mode_joint(ctx, dict(n=2))
     assert len(rec.calls) == ctx.steps and all(c[0][0].shape[0] == 2 for c in rec.calls)
+
+
+@pytest.mark.parametrize('mode', modes.EMPATH_MODES)
+def test_two_scale_guidance_passes_and_equal_scales_reduce_to_no_speaker(mode):
+    """two_scale batches (whole turn, utterance only, no speaker); s_t = s_f = s is the no_speaker guidance."""
+    base = make_ctx('uvit_empath')
+    inputs = inputs_for(base, mode)
+    g = torch.Generator().manual_seed(7)
+    text_only = dict(img=torch.randn(2, 4, 4, 4, generator=g), clip_img=torch.randn(2, 1, 8, generator=g),
+                     text=torch.randn(2, 5, 6, generator=g), t_img=torch.full((2,), 1000.), t_text=torch.zeros(2))
+    with torch.no_grad():
+        inputs['speaker_text'] = base.nnet.encode_condition(text_only)
+    ctx = make_ctx('uvit_empath', speaker_guidance='two_scale', scale_text=3., scale_face=3.)
+    rec = Recorder(ctx.nnet)
+    ctx.nnet = rec
+    two = modes.get_mode(mode)(ctx, inputs)
+    one = modes.get_mode(mode)(make_ctx('uvit_empath', scale=3.), inputs)
+    assert all(args[0].shape[0] == 6 for args, _ in rec.calls)
+    emotions = [kw['cond_cache'].emotion_logits for _, kw in rec.calls]
+    want = torch.cat([inputs[k].emotion_logits for k in ('speaker', 'speaker_text', 'speaker_absent')])
+    assert all(torch.equal(e, want) for e in emotions)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5)
+    other = modes.get_mode(mode)(make_ctx('uvit_empath', speaker_guidance='two_scale', scale_text=1., scale_face=5.),
+                                 inputs)
+    assert not torch.allclose(other['clip_img' if 'clip_img' in other else 'text'],
+                              one['clip_img' if 'clip_img' in one else 'text'])
 
 
 def test_unknown_mode_lists_valid_ones():

@@ -61,9 +61,9 @@ def test_auto_on_cpu_follows_the_cpu(monkeypatch, cpuinfo, expected):
     assert ('has native bf16' in resolved.reason) is (expected is not None)
 
 
-@pytest.mark.parametrize('supported, expected', [(True, torch.bfloat16), (False, None)])
-def test_auto_on_cuda_follows_bf16_support(monkeypatch, supported, expected):
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: supported)
+@pytest.mark.parametrize('native, expected', [(True, torch.bfloat16), (False, None)])
+def test_auto_on_cuda_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: native or including_emulation)
     monkeypatch.setattr(precision, 'cpu_features', lambda: pytest.fail('a GPU run must not look at the CPU'))
     assert precision.resolve('auto', torch.device('cuda')).dtype == expected
 
@@ -79,9 +79,14 @@ def test_explicit_precisions(monkeypatch, caplog):
     assert precision.resolve('auto', torch.device('mps')).dtype is None
     with pytest.raises(UserError, match='auto, fp32, bf16, fp16'):
         precision.resolve('bfloat16', cpu)
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'Tesla V100')
-    with pytest.raises(UserError, match='V100 has no bf16'):
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
+    with caplog.at_level(logging.WARNING, logger='libs.precision'):
+        assert precision.resolve('bf16', torch.device('cuda')).dtype == torch.bfloat16  # emulated: allowed, slow
+    assert 'emulated' in caplog.text
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'Tesla K80')
+    with pytest.raises(UserError, match='K80 has no bf16'):
         precision.resolve('bf16', torch.device('cuda'))
 
 

@@ -2,6 +2,7 @@
 SIGKILL (also during a save), two-process agreement, the non-finite guard and self-contained checkpoints."""
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from libs.avamerg import EMOTIONS_32, coarse_index
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
 from libs.features import make_manifest, tensor_spec, write_manifest, write_shard
-from libs.uvit import CONDITION_KEYS, build_nnet
+from libs.uvit import build_nnet, is_condition_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = (0, 1, 22, 27)   # afraid, angry, joyful, sad: four coarse classes too; chance accuracy is 1/4
@@ -38,7 +39,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_features(folder, config, n_pairs, per_shard, g):
+def write_features(folder, config, n_pairs, per_shard, g, split='train'):
     """Synthetic pairs whose speaker features (face latent, CLIP embedding, text) and response depend on the label."""
     C, h, w = config.z_shape
     T, D, Dc = config.num_text_tokens, config.clip_text_dim, config.clip_img_dim
@@ -55,11 +56,11 @@ def write_features(folder, config, n_pairs, per_shard, g):
             + noise(.5, 1, Dc), speaker_text=proto['stext'][c] + noise(.5, T, D),
             response_moments=moments(proto['rz'][c] + noise(.1, C, h, w)),
             response_clip_img=proto['rclip'][c] + noise(.1, 1, Dc), response_text=proto['rtext'][c] + noise(.1, T, D),
-            label=label, coarse_label=coarse_index(label), conversation_id=f'{i:05d}', turn_id='0',
+            label=label, coarse_label=coarse_index(label), split=split, conversation_id=f'{i:05d}', turn_id='0',
             speaker_stem=f'dia{i:05d}utt0_1', response_stem=f'dia{i:05d}utt1_2', speaker_text_raw=f'speaker {i}',
             response_text_raw=f'response {i}', emotion=EMOTIONS_32[label]))
     entries = [write_shard(folder, k, records[s:s + per_shard]) for k, s in enumerate(range(0, n_pairs, per_shard))]
-    write_manifest(folder, make_manifest(entries, tensor_spec(records[0]), resolution=2 * h))
+    write_manifest(folder, make_manifest(entries, tensor_spec(records[0]), resolution=2 * h, split=split))
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +80,7 @@ def tiny_root(tmp_path_factory):
     torch.save(ldm_state_dict_from_diffusers(vae.vae.state_dict()), f'{root}/autoencoder_kl.pth')
     g = torch.Generator().manual_seed(1)
     write_features(config.data.train, config, 128, 16, g)
-    write_features(config.data.val, config, 32, 16, g)
+    write_features(config.data.val, config, 32, 16, g, split='val')
     return root
 
 
@@ -123,17 +124,47 @@ def test_sample_latent_is_the_official_posterior_sample():
     assert torch.equal(trainer.sample_latent(moments, 0.18215, noise), expected)
 
 
+HALF = dict(face=0.2, text=0.2, both=0.1)
+
+
 def test_randomness_is_keyed_by_stream_position():
     config = get_config('unused')
-    a = trainer.draw_randomness([5, 9, 12], 1, 'train', config, 1000, 0.5)
-    b = trainer.draw_randomness([9], 1, 'train', config, 1000, 0.5)
+    a = trainer.draw_randomness([5, 9, 12], 1, 'train', config, 1000, HALF)
+    b = trainer.draw_randomness([9], 1, 'train', config, 1000, HALF)
     assert all(torch.equal(a[k][1:2], b[k]) for k in a)               # independent of the batch it sits in
-    c = trainer.draw_randomness([9], 2, 'train', config, 1000, 0.5)
+    c = trainer.draw_randomness([9], 2, 'train', config, 1000, HALF)
     assert not torch.equal(b['eps_img'], c['eps_img'])                # but not of the seed
-    many = trainer.draw_randomness(range(400), 0, 'train', config, 1000, 0.1)
+    many = trainer.draw_randomness(range(400), 0, 'train', config, 1000, HALF)
     assert many['t_img'].min() >= 1 and many['t_text'].max() <= 1000
-    assert 0.04 < (~many['keep_img']).float().mean() < 0.16 and not torch.equal(many['keep_img'], many['keep_text'])
-    assert trainer.draw_randomness(range(20), 0, 'val', config, 1000, 0.)['keep_text'].all()
+    assert not torch.equal(many['t_img'], many['speaker_t_img'])
+    assert trainer.draw_randomness(range(20), 0, 'val', config, 1000, trainer.NO_DROPOUT)['keep_text'].all()
+
+
+def test_speaker_dropout_shares_match_the_configured_probabilities():
+    config = get_config('unused')
+    drop = trainer.speaker_dropout(config.train)
+    assert drop == dict(face=0.05, text=0.05, both=0.10)  # DESIGN §2 defaults
+    n = 5000
+    rand = trainer.draw_randomness(range(n), 0, 'train', config, 1000, drop)
+    ki, kt = rand['keep_img'], rand['keep_text']
+    shares = dict(face=(~ki & kt).float().mean(), text=(ki & ~kt).float().mean(), both=(~ki & ~kt).float().mean())
+    for k, p in drop.items():
+        assert abs(shares[k] - p) < 4 * (p * (1 - p) / n) ** 0.5, (k, shares[k])
+    assert (ki & kt).float().mean() == pytest.approx(0.8, abs=0.025)
+    for bad in (dict(p_drop_face=-0.1), dict(p_drop_both=0.95)):
+        with pytest.raises(UserError, match='p_drop'):
+            trainer.speaker_dropout(dict(config.train, **bad))
+
+
+def test_ema_warmup():
+    assert trainer.ema_decay(0, 0.9999) == pytest.approx(0.1)
+    assert trainer.ema_decay(10, 0.9999) == pytest.approx(11 / 20)
+    assert trainer.ema_decay(10 ** 6, 0.9999) == 0.9999 and trainer.ema_decay(100, 0.5) == 0.5
+    # After 20k steps of a 0.9999 EMA, the initial weights' share is the product of the rates: negligible with
+    # warm-up, e^-2 without.
+    share = lambda decay: math.prod(decay(s) for s in range(20000))
+    assert share(lambda s: trainer.ema_decay(s, 0.9999)) < 1e-6
+    assert share(lambda s: 0.9999) == pytest.approx(math.exp(-2), rel=1e-3)
 
 
 class RecordingNet(torch.nn.Module):
@@ -161,7 +192,7 @@ def test_training_losses_match_the_objective():
                  speaker_text=torch.randn(B, config.num_text_tokens, config.clip_text_dim, generator=g).half(),
                  response_text=torch.randn(B, config.num_text_tokens, config.clip_text_dim, generator=g).half(),
                  label=torch.tensor([0, 5, -1, 31, 7, -1]))
-    rand = trainer.draw_randomness(range(B), 0, 'train', config, N, 0.5)
+    rand = trainer.draw_randomness(range(B), 0, 'train', config, N, HALF)
     assert 0 < rand['keep_img'].sum() < B and 0 < rand['keep_text'].sum() < B
     reducer = torch.nn.Linear(config.clip_text_dim, config.text_dim)
     net = RecordingNet()
@@ -211,13 +242,23 @@ def test_init_from_official_layout_loads_every_official_key(tiny_root, caplog):
     state = nnet.state_dict()
     assert all(torch.equal(state[k], v) for k, v in official.items())
     new = sorted(set(state) - set(official))
-    assert new and all(k.startswith(CONDITION_KEYS) for k in new)
+    assert new and all(is_condition_key(k) for k in new)
     assert torch.equal(state['pos_embed_cond'], official['pos_embed'])
-    assert any(f'initialised {len(new)} new parameters' in r.message and all(k in r.message for k in new)
-               for r in caplog.records)
+    gates = [k for k in new if k.endswith('cond_gate')]
+    assert len(gates) == config.nnet.depth + 1 and all(torch.count_nonzero(state[k]) == 0 for k in gates)
+    assert any(f'initialised {len(new)} new parameters' in r.message and f'({len(gates)} blocks)' in r.message
+               and all(k in r.message for k in new if k not in gates) for r in caplog.records)
     groups = trainer.make_optimizer(nnet, config).param_groups
-    no_decay = {id(p) for n, p in nnet.named_parameters() if n in nnet.no_weight_decay()}
-    assert {id(p) for p in groups[1]['params']} == no_decay and groups[1]['weight_decay'] == 0
+    names = {id(p): n for n, p in nnet.named_parameters()}
+    opt = config.optimizer
+    for group in groups:
+        group_names = {names[id(p)] for p in group['params']}
+        is_new = {is_condition_key(n) for n in group_names}
+        decays = {n not in nnet.no_weight_decay() for n in group_names}
+        assert len(is_new) == 1 and len(decays) == 1  # groups do not mix
+        assert group['lr'] == opt.lr * (opt.condition_lr_scale if is_new.pop() else 1.)
+        assert group['weight_decay'] == (opt.weight_decay if decays.pop() else 0.)
+    assert sum(len(g['params']) for g in groups) == len(list(nnet.parameters()))
     assert [trainer.warmup(s, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1., 1.]
 
 
@@ -230,7 +271,7 @@ def learned_run(tiny_root, tmp_path_factory):
     """250 steps; emotion weight 1 and lr 3e-3 let the tiny model learn the labels within the test's budget."""
     config = tiny_config(tiny_root, tmp_path_factory.mktemp('work'), n_steps=250, emotion_weight=1., val_every=125,
                          ckpt_every=125, keep_last=1, sample_every=250, log_every=25)
-    config.optimizer.lr = 3e-3
+    config.optimizer.update(lr=3e-3, condition_lr_scale=1.)
     tic = time.perf_counter()
     state = train_empath.train(config)
     return config, state, time.perf_counter() - tic
@@ -265,6 +306,30 @@ def test_checkpoint_alone_rebuilds_the_model_and_samples_were_written(learned_ru
     assert len(samples) == config.train.sample_n and os.path.isfile(os.path.join(run, 'samples', '0000250', '000.png'))
     assert os.path.isfile(os.path.join(run, 'samples', '0000250', 'grid.png'))
     assert {'response', 'predicted_emotions', 'speaker_text', 'reference_response'} <= set(samples[0])
+    # The run's export: the EMA network of the best checkpoint, with a note saying which.
+    exported = load_file(os.path.join(run, trainer.EXPORT))
+    assert exported.keys() == stored.keys() and all(torch.equal(exported[k], stored[k]) for k in stored)
+    with open(os.path.join(run, trainer.EXPORT_INFO)) as f:
+        info = json.load(f)
+    assert info['step'] == 250 and info['selected_by'] == 'best validation EMA loss'
+
+
+def test_unconditional_network_trains_the_joint_unidiffuser_objective(tiny_root, tmp_path):
+    """nnet.name=uvit_multi_post_ln_v1: UniDiffuser pre-training on both roles' (face, utterance) pairs."""
+    config = tiny_config(tiny_root, tmp_path, n_steps=60, val_every=30, ckpt_every=30, log_every=10, sample_every=30,
+                         init_from='')
+    config.nnet.name = 'uvit_multi_post_ln_v1'
+    config.optimizer.lr = 3e-3
+    state = train_empath.train(config)
+    run = os.path.join(config.workdir, config.name)
+    logs = [m for m in read_metrics(run) if 'loss' in m]
+    assert logs[-1]['loss'] < 0.8 * logs[0]['loss'] and logs[-1]['loss_emotion'] == 0
+    val = [m for m in read_metrics(run) if 'val/ema/loss' in m]
+    assert len(val) == 2 and not any('emotion_fine_acc' in k for k in val[0])
+    official = build_nnet(dict(config.nnet)).state_dict()
+    exported = load_file(os.path.join(run, trainer.EXPORT))
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in official.items()}
+    assert state['best_step'] in (30, 60) and not os.path.isdir(os.path.join(run, 'samples'))
 
 
 def test_prune_keeps_the_newest_and_the_best(tmp_path):

@@ -43,7 +43,7 @@ def write_cache(root, encoder, dialogues, shard_size=20):
             records.append(dict(speaker_moments=torch.zeros(8, 2, 2), response_moments=torch.zeros(8, 2, 2),
                                 speaker_clip_img=torch.zeros(1, 4), response_clip_img=torch.zeros(1, 4),
                                 speaker_text=text[0], response_text=text[1], label=-1, coarse_label=-1,
-                                conversation_id=cid, turn_id=str(t), speaker_stem=f'dia{cid}utt{2 * t}_1',
+                                split='train', conversation_id=cid, turn_id=str(t), speaker_stem=f'dia{cid}utt{2 * t}_1',
                                 response_stem=f'dia{cid}utt{2 * t + 1}_2', speaker_text_raw=speaker,
                                 response_text_raw=response, emotion='sad'))
     shards = [write_shard(root, k, records[i:i + shard_size])

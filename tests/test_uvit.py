@@ -67,11 +67,18 @@ def test_reproduces_official_v1_forward_fixture():
         torch.testing.assert_close(got, outputs[name], atol=1e-5, rtol=1e-5)
 
 
-def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=None):
-    """An independent restatement of the official post-LN U-ViT forward, written with plain tensor ops."""
+def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=None, cond=None):
+    """An independent restatement of the official post-LN U-ViT forward, written with plain tensor ops.
+
+    With ``cond`` (a speaker-turn dict of the same five inputs) it is the EmpathDiffuser extension of DESIGN §2,
+    written out the same way: the speaker segment (positions pos_embed_cond + segment_embed, [EMO] appended) runs
+    through the blocks on its own; each block's response attention adds cond_gate (one gate per head) times a
+    separate softmax attention over that block's speaker keys/values; the emotion head reads [EMO]'s final state.
+    """
     D, H, p = cfg['embed_dim'], cfg['num_heads'], cfg['patch_size']
     lin = lambda x, name, bias=True: F.linear(x, params[name + '.weight'], params.get(name + '.bias'))
     ln = lambda x, name: F.layer_norm(x, (D,), params[name + '.weight'], params[name + '.bias'])
+    attend = lambda q, k, v: ((q @ k.transpose(-1, -2)) * (D // H) ** -0.5).softmax(-1) @ v
 
     def temb(t):
         half = D // 2
@@ -79,45 +86,61 @@ def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=
         a = t[:, None].float() * freqs
         return torch.cat([a.cos(), a.sin()], -1)[:, None]
 
-    def block(x, name, skip=None):
+    def block(x, name, skip=None, cond_kv=None):
         if skip is not None:
             x = ln(lin(torch.cat([x, skip], -1), name + '.skip_linear'), name + '.norm1')
         B, L, _ = x.shape
-        qkv = lin(x, name + '.attn.qkv').reshape(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
-        att = ((qkv[0] @ qkv[1].transpose(-1, -2)) * (D // H) ** -0.5).softmax(-1) @ qkv[2]
+        q, k, v = lin(x, name + '.attn.qkv').reshape(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        att = attend(q, k, v)
+        if cond_kv is not None:
+            att = att + params[name + '.attn.cond_gate'].view(1, H, 1, 1) * attend(q, *cond_kv)
         x = ln(x + lin(att.transpose(1, 2).reshape(B, L, D), name + '.attn.proj'), name + '.norm2')
         h = lin(F.gelu(lin(x, name + '.mlp.fc1')), name + '.mlp.fc2')
-        return ln(x + h, name + '.norm3')
+        return ln(x + h, name + '.norm3'), (k, v)
 
+    def embed(img, clip_img, text, t_img, t_text, data_type, pos):
+        patches = F.conv2d(img, params['patch_embed.proj.weight'], params['patch_embed.proj.bias'], stride=p)
+        patches = patches.flatten(2).transpose(1, 2)
+        toks = [temb(t_img), temb(t_text)]
+        n_head = 2 + text.shape[1] + 1
+        head, pos_patch = pos[:, :n_head], pos[:, n_head:]
+        g0, (Hh, Ww) = cfg['img_size'] // p, img.shape[2:]
+        if (Hh // p, Ww // p) != (g0, g0):
+            grid = pos_patch.reshape(1, g0, g0, D).permute(0, 3, 1, 2)
+            pos_patch = F.interpolate(grid, (Hh // p, Ww // p), mode='bilinear').permute(0, 2, 3, 1).reshape(1, -1, D)
+        if data_type is not None:
+            toks.append(params['token_embedding.weight'][data_type][:, None])
+            head = torch.cat([head[:, :2], params['pos_embed_token'], head[:, 2:]], 1)
+        toks += [lin(text, 'text_embed'), lin(clip_img, 'clip_img_embed'), patches]
+        return torch.cat(toks, 1) + torch.cat([head, pos_patch], 1)
+
+    def stack(x, cond_kvs=None):
+        names = ([f'in_blocks.{i}' for i in range(cfg['depth'] // 2)] + ['mid_block']
+                 + [f'out_blocks.{i}' for i in range(cfg['depth'] // 2)])
+        skips, kvs = [], []
+        for j, name in enumerate(names):
+            skip = skips.pop() if name.startswith('out_') else None
+            x, kv = block(x, name, skip, None if cond_kvs is None else cond_kvs[j])
+            if name.startswith('in_'):
+                skips.append(x)
+            kvs.append(kv)
+        return ln(x, 'norm'), kvs
+
+    cond_kvs = emotion = None
+    if cond is not None:
+        c = embed(**cond, data_type=None, pos=params['pos_embed_cond']) + params['segment_embed']
+        c = torch.cat([c, params['emo_token'].expand(c.shape[0], -1, -1)], 1)
+        c, cond_kvs = stack(c)
+        e = F.layer_norm(c[:, -1], (D,), params['emotion_head.0.weight'], params['emotion_head.0.bias'])
+        emotion = lin(F.gelu(lin(e, 'emotion_head.1')), 'emotion_head.3')
     B, C, Hh, Ww = img.shape
-    patches = F.conv2d(img, params['patch_embed.proj.weight'], params['patch_embed.proj.bias'], stride=p)
-    patches = patches.flatten(2).transpose(1, 2)
-    toks = [temb(t_img), temb(t_text)]
-    pos = params['pos_embed']
-    n_head = 2 + text.shape[1] + 1
-    head, pos_patch = pos[:, :n_head], pos[:, n_head:]
-    g0 = cfg['img_size'] // p
-    if (Hh // p, Ww // p) != (g0, g0):
-        grid = pos_patch.reshape(1, g0, g0, D).permute(0, 3, 1, 2)
-        pos_patch = F.interpolate(grid, (Hh // p, Ww // p), mode='bilinear').permute(0, 2, 3, 1).reshape(1, -1, D)
-    if data_type is not None:
-        toks.append(params['token_embedding.weight'][data_type][:, None])
-        head = torch.cat([head[:, :2], params['pos_embed_token'], head[:, 2:]], 1)
-    toks += [lin(text, 'text_embed'), lin(clip_img, 'clip_img_embed'), patches]
-    x = torch.cat(toks, 1) + torch.cat([head, pos_patch], 1)
-    skips = []
-    for i in range(cfg['depth'] // 2):
-        x = block(x, f'in_blocks.{i}')
-        skips.append(x)
-    x = block(x, 'mid_block')
-    for i in range(cfg['depth'] // 2):
-        x = block(x, f'out_blocks.{i}', skips.pop())
-    x = ln(x, 'norm')
+    x, _ = stack(embed(img, clip_img, text, t_img, t_text, data_type, params['pos_embed']), cond_kvs)
     n_pre = 3 if data_type is not None else 2
     T = text.shape[1]
     img_out = lin(x[:, n_pre + T + 1:], 'decoder_pred')
     img_out = img_out.reshape(B, Hh // p, Ww // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, Hh, Ww)
-    return img_out, lin(x[:, n_pre + T:n_pre + T + 1], 'clip_img_out'), lin(x[:, n_pre:n_pre + T], 'text_out')
+    out = (img_out, lin(x[:, n_pre + T:n_pre + T + 1], 'clip_img_out'), lin(x[:, n_pre:n_pre + T], 'text_out'))
+    return out if emotion is None else out + (emotion,)
 
 
 def random_inputs(cfg, batch=3, latent=None, seed=0):
@@ -160,29 +183,18 @@ def speaker(cfg, batch=3, seed=1):
     return x
 
 
-def test_prefix_cache_equals_uncached_and_masked_reference():
-    """Caching the speaker path is exact, and prefix attention equals one masked attention over both segments."""
+@pytest.mark.parametrize('latent', [8, 4])
+def test_gated_prefix_attention_matches_independent_reference_and_cache(latent):
+    """The conditional forward equals the written-out gated reference (random, non-zero gates), cached or not."""
     model = randomize(build_nnet(dict(TINY, name='uvit_empath'))).eval()
-    x, cond, dt = random_inputs(TINY), speaker(TINY), torch.tensor([1, 1, 0])
+    x, cond, dt = random_inputs(TINY, latent=latent), speaker(TINY), torch.tensor([1, 1, 0])
     with torch.no_grad():
         uncached = model(**x, data_type=dt, cond=cond)
-        cache = model.encode_condition(cond)
-        cached = model(**x, data_type=dt, cond_cache=cache)
-        # The same computation as one attention call with a block mask (speaker rows cannot see the response).
-        full = build_nnet(dict(TINY, name='uvit_empath', attention='full')).eval()
-        full.load_state_dict(model.state_dict())
-        L = 3 + TINY['num_text_tokens'] + 1 + (TINY['img_size'] // 2) ** 2
-        Lc = L  # the speaker segment has no data-type token but carries [EMO]
-        mask = torch.ones(L + Lc, L + Lc, dtype=torch.bool)
-        mask[L:, :L] = False
-        orig = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = lambda q, k, v, **kw: orig(q, k, v, attn_mask=mask, **kw)
-        try:
-            masked = full(**x, data_type=dt, cond=cond)
-        finally:
-            F.scaled_dot_product_attention = orig
+        cached = model(**x, data_type=dt, cond_cache=model.encode_condition(cond))
+        want = official_forward(dict(model.state_dict()), TINY, **x, data_type=dt, cond=cond)
     assert len(uncached) == 4 and uncached[3].shape == (3, 32)
-    for a, b, c in zip(uncached, cached, masked):
+    assert model.in_blocks[0].attn.cond_gate.abs().min() > 0  # the gates really take part
+    for a, b, c in zip(uncached, cached, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
@@ -198,16 +210,32 @@ def test_condition_changes_response_and_emotion_depends_on_speaker_only():
     torch.testing.assert_close(a[3], c[3])  # prefix attention: emotion ignores the noisy response
 
 
-def test_full_attention_and_gradient_checkpointing_agree():
+def test_response_forward_keeps_no_keys_and_values():
+    """Keys/values are kept only when the speaker cache is built (the response forward does no extra work)."""
+    model = randomize(build_nnet(dict(TINY, name='uvit_empath'))).eval()
+    kept = []
+    hook = lambda module, args, out: kept.append(out[1])
+    handles = [b.attn.register_forward_hook(hook) for b in model.in_blocks]
+    with torch.no_grad():
+        cache = model.encode_condition(speaker(TINY))
+        n_cache = len(kept)
+        model(**random_inputs(TINY), data_type=torch.tensor([1, 1, 1]), cond_cache=cache)
+    for h in handles:
+        h.remove()
+    assert n_cache == len(model.in_blocks) and all(kv is not None for kv in kept[:n_cache])
+    assert len(cache.kv) == TINY['depth'] + 1
+    assert kept[n_cache:] and all(kv is None for kv in kept[n_cache:])
+
+
+def test_gradient_checkpointing_agrees():
     torch.manual_seed(0)
-    for attention in ('prefix', 'full'):
-        grads = []
-        for ckpt in (False, True):
-            model = randomize(build_nnet(dict(TINY, name='uvit_empath', attention=attention, use_checkpoint=ckpt)))
-            out = model(**random_inputs(TINY), data_type=torch.tensor([1, 0, 1]), cond=speaker(TINY))
-            sum(o.square().mean() for o in out).backward()
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    grads = []
+    for ckpt in (False, True):
+        model = randomize(build_nnet(dict(TINY, name='uvit_empath', use_checkpoint=ckpt)))
+        out = model(**random_inputs(TINY), data_type=torch.tensor([1, 0, 1]), cond=speaker(TINY))
+        sum(o.square().mean() for o in out).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_registry_lists_valid_names():
@@ -222,14 +250,39 @@ def test_load_official_into_empath_model(tmp_path):
     model = build_nnet(dict(TINY, name='uvit_empath'))
     new = load_nnet_weights(model, path)
     assert sorted(new) == sorted(k for k in model.state_dict() if k not in official.state_dict())
+    assert sorted(new) == sorted(model.condition_parameters())
+    assert sum(k.endswith('.attn.cond_gate') for k in new) == TINY['depth'] + 1
     torch.testing.assert_close(model.pos_embed_cond, official.pos_embed)
-    assert torch.count_nonzero(model.segment_embed) == 0
-    # Without a speaker turn the response path is untouched by the new parameters.
-    x = random_inputs(TINY)
+    assert torch.count_nonzero(model.segment_embed) == 0 and not model.condition_is_trained()
+
+
+@pytest.mark.parametrize('speaker_state', ['clean', 'absent', 'mixed'])
+def test_fresh_empath_model_computes_the_official_outputs_for_any_speaker(tmp_path, speaker_state):
+    """Zero gates: an EmpathDiffuser built from official weights is UniDiffuser, whatever the speaker turn is;
+    after one optimizer step (the gates move) the speaker changes the response."""
+    official = randomize(build_nnet(dict(TINY, name='uvit_multi_post_ln_v1'))).eval()
+    torch.save(official.state_dict(), tmp_path / 'uvit_v1.pth')
+    model = build_nnet(dict(TINY, name='uvit_empath'))
+    load_nnet_weights(model, str(tmp_path / 'uvit_v1.pth'))
+    model.eval()
+    x, dt = random_inputs(TINY), torch.tensor([1, 0, 1])
+    t = dict(clean=(0., 0.), absent=(1000., 1000.), mixed=(0., 1000.))[speaker_state]
+    cond = dict(speaker(TINY), t_img=torch.full((3,), t[0]), t_text=torch.full((3,), t[1]))
     with torch.no_grad():
-        for a, b in zip(model(**x, data_type=torch.tensor([1, 1, 1])),
-                        official(**x, data_type=torch.tensor([1, 1, 1]))):
-            torch.testing.assert_close(a, b)
+        want = official(**x, data_type=dt)
+        got = model(**x, data_type=dt, cond=cond)
+    for a, b in zip(got[:3], want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    sum(o.square().mean() for o in model(**x, data_type=dt, cond=cond)).backward()
+    optimizer.step()
+    model.eval()
+    assert model.condition_is_trained()
+    with torch.no_grad():
+        a = model(**x, data_type=dt, cond=cond)
+        b = model(**x, data_type=dt, cond=dict(cond, text=cond['text'] + 1, img=cond['img'] - 1))
+    assert not torch.allclose(a[0], b[0])
 
 
 def test_load_rejects_mismatched_checkpoints(tmp_path):
