@@ -439,6 +439,8 @@ def main(argv):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         modes_, precisions, steps, repeats, max_minutes = defaults(FLAGS.size)
+        if FLAGS.size == 'full' and device.type != 'cuda' and not (FLAGS.forward_only or FLAGS.profile):
+            raise UserError('--size=full samples for hours on a CPU: add --forward_only, or use --size=mid')
         batches = [int(b) for b in FLAGS.batches.split(',')]
         config = bench_config(FLAGS.size)
         steps = steps or config.sample.sample_steps

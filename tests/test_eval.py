@@ -150,12 +150,13 @@ def test_raw_eval_writes_every_artefact_and_scores_it(baseline, data, inception)
     assert not list(out.glob('pairs.rank*.jsonl'))
     saved = json.loads((out / 'metrics.json').read_text())
     assert saved == json.loads(json.dumps(summary))
-    for key, value in dict(split='test', samples=n, sample_steps=4, guidance_scale=7.0, seed=1234,
+    for key, value in dict(split='test', samples=n, sample_steps=4, guidance_scale=7.0, seed=1234, precision='fp32',
                            fid_computed=True).items():
         assert saved[key] == value
     assert saved['checkpoint'].endswith('uvit_empath.pth') and saved['run']['generated'] == n
     report = (out / 'report.md').read_text()
     assert saved['checkpoint'] in report and f'- samples: {n}' in report and '- guidance_scale: 7.0' in report
+    assert '- precision: fp32' in report and json.loads((out / 'settings.json').read_text())['precision'] == 'fp32'
     for name in ('confusion_32.png', 'confusion_7.png'):
         assert Image.open(out / name).format == 'PNG'
     size = 32  # the tiny config's resolution

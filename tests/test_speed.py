@@ -1,5 +1,6 @@
 """Speed options on tiny components: the torch.compile path (config.nnet.compile) computes what eager does, and
-scripts/benchmark.py runs its full-size plan (every mode, batch 1 and 4, two precisions, caption decoding) end to end."""
+scripts/benchmark.py runs its full-size plan (every mode, batch 1 and 4, two precisions, caption decoding) end to
+end."""
 import os
 import re
 import subprocess
