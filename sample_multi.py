@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from libs import modes, pipeline, precision
+from libs import logs, modes, pipeline, precision
 from libs.errors import UserError
 from libs.io import atomic_replace_dir
 
@@ -39,6 +39,7 @@ def define_flags():
     flags.DEFINE_string('output_path', 'out', 'output folder; results go to <output_path>/<mode>/')
     flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors); default: config.nnet_path')
     flags.mark_flag_as_required('mode')
+    logs.define_flags()
 
 
 def check_flags(mode, prompt, img, n_samples):
@@ -106,7 +107,8 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
     record = dict(mode=mode, inputs=used, n_samples=n_samples, seed=config.seed,
                   nnet_path=nnet_path or config.nnet_path, settings=config.sample.to_dict(),
                   precision=precision.name_of(ctx.autocast_dtype),  # what ran (settings.precision may say 'auto')
-                  seconds_per_sample=seconds / n_samples, peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),
+                  seconds_per_sample=round(seconds / n_samples, 3),
+                  peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),
                   device=str(device))
     os.makedirs(output_path, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=output_path, prefix=f'.{mode}-')
@@ -118,8 +120,17 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
     return record
 
 
+def emotion_lines(emotions):
+    """Terminal lines for the predicted speaker emotions (top-3, rounded); one line when every sample agrees."""
+    tops = [', '.join(f'{label} {p:.2f}' for label, p in top) for top in emotions or ()]
+    if len(set(tops)) == 1:
+        return [f'speaker emotion: {tops[0]}']
+    return [f'speaker emotion, sample {i}: {top}' for i, top in enumerate(tops)]
+
+
 def main(argv):
     del argv
+    logs.setup(FLAGS.verbose)
     try:
         record = sample(FLAGS.config, FLAGS.mode, FLAGS.prompt, FLAGS.img, FLAGS.n_samples, FLAGS.nrow,
                         FLAGS.output_path, FLAGS.nnet_path)
@@ -129,8 +140,10 @@ def main(argv):
     print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample '
           f'({record["precision"]}), '
           f'peak memory {record["peak_memory_gb"]:.2f} GB -> {os.path.join(FLAGS.output_path, FLAGS.mode)}')
+    for line in emotion_lines(record['outputs']['emotions']):
+        print(line)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=logs.parse_flags)

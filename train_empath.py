@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import trainer
+from libs import hub, logs, trainer
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
 from libs.features import FeatureDataset, RankSampler, ShuffledStream, StreamDataset, micro_batch_size
@@ -41,6 +41,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/avamerg_empath.py.',
                                     lock_config=False)
     flags.DEFINE_bool('dry_run', False, 'Check the config, data and weights, build everything, then exit.')
+    logs.define_flags()
 
 
 def setup_logging(run_dir: str, is_main: bool) -> None:
@@ -103,6 +104,7 @@ def train(config, dry_run: bool = False) -> dict:
     """Run (or resume) a training run; returns the final training state."""
     from accelerate import Accelerator
     tc = config.train
+    hub.preflight(config, ('init_from', 'caption_decoder', 'autoencoder' if tc.sample_every > 0 else None))
 
     # Accelerator, run folder, logging -----------------------------------------------------------------------------
     run_dir = os.path.join(config.workdir, config.name)
@@ -267,6 +269,7 @@ def main(argv):
     del argv
     if FLAGS.config is None:
         raise app.UsageError('pass --config=configs/avamerg_empath.py (or another training config)')
+    logs.setup(FLAGS.verbose)
     try:
         state = train(FLAGS.config, FLAGS.dry_run)
     except UserError as err:
@@ -283,4 +286,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=logs.parse_flags)
