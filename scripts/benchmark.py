@@ -34,6 +34,8 @@ flags.DEFINE_string('precisions', None, 'comma-separated config.sample.precision
 flags.DEFINE_string('batches', '1,4', 'comma-separated samples per batch')
 flags.DEFINE_integer('steps', None, 'sampling steps = NFE (default: 50 at full size, 10 at mid, the config at tiny)')
 flags.DEFINE_integer('repeats', None, 'timed runs per measurement, median reported (default: 1 at mid, 3 otherwise)')
+flags.DEFINE_enum('clock', 'wall', ['wall', 'process'], "wall-clock seconds, or this process's CPU seconds: on a "
+                  'shared CPU run with OMP_NUM_THREADS=1 --clock=process, which other jobs barely change')
 flags.DEFINE_boolean('compile', False, 'torch.compile the U-ViTs (libs.pipeline.compile_nnet)')
 flags.DEFINE_boolean('forward_only', False, 'time only U-ViT forwards (full size on a CPU takes seconds each)')
 flags.DEFINE_boolean('profile', False, 'profile the response forward against a plain SDPA transformer of the same '
@@ -58,12 +60,13 @@ def sync(device):
 
 
 def seconds(fn, device) -> float:
-    """Wall-clock seconds of one fn() call."""
+    """Seconds of one fn() call on the --clock (wall, or this process's CPU time)."""
+    clock = time.process_time if FLAGS.clock == 'process' else time.perf_counter
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def interleaved(fns: dict, device, repeats, warmups: dict = None) -> dict:
@@ -439,6 +442,8 @@ def main(argv):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         modes_, precisions, steps, repeats, max_minutes = defaults(FLAGS.size)
+        if FLAGS.clock == 'process' and device.type == 'cuda':
+            raise UserError('--clock=process counts CPU time, not GPU work: use the default --clock=wall on a GPU')
         if FLAGS.size == 'full' and device.type != 'cuda' and not (FLAGS.forward_only or FLAGS.profile):
             raise UserError('--size=full samples for hours on a CPU: add --forward_only, or use --size=mid')
         batches = [int(b) for b in FLAGS.batches.split(',')]
@@ -453,7 +458,7 @@ def main(argv):
     params = sum(p.numel() for p in nets['empath'].nnet.parameters()) / 1e6
     print(f'\n{FLAGS.size} U-ViT ({params:.1f}M parameters with the EmpathDiffuser additions, '
           f'{config.nnet.embed_dim} wide, depth {config.nnet.depth}), {machine(device)}'
-          f'{", torch.compile" if FLAGS.compile else ""}\n')
+          f'{", torch.compile" if FLAGS.compile else ""}, {FLAGS.clock} seconds\n')
     if FLAGS.profile:
         for name in precisions:
             print_profile(*profile_rows(nets, config, device, name, batches[-1], repeats), name, batches[-1])

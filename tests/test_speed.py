@@ -10,6 +10,7 @@ import torch
 
 from common import tiny
 from libs import modes, pipeline
+from test_precision import BF16_REL_TOL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ def test_benchmark_runs_every_mode_end_to_end():
     assert set(rows) == {(mode, B) for mode in modes.MODES for B in (1, 4)}
     for row in rows.values():
         diff = float(row.rstrip(' |').rsplit('|', 1)[1])  # the last column: bf16's max relative difference
-        assert 0 < diff < 0.1
+        assert 0 < diff < BF16_REL_TOL
     assert re.search(r'^\| batch 4 \| [\d.]+ \|$', out.stdout, re.M)  # caption decoding
     assert 'native bf16' in out.stdout and 'load average' in out.stdout
     gaps = [line for line in out.stdout.splitlines() if line.startswith('- unmeasured on a GPU')]
