@@ -1,15 +1,18 @@
 """Measure sampling speed per mode, precision and batch, U-ViT forwards and caption decoding; prints markdown tables.
 
-    python scripts/benchmark.py --size=mid                     # a CPU, a few minutes: fp32 vs auto, batch 1 and 4
-    python scripts/benchmark.py --size=full                    # one GPU, < 8 min: every mode, 512², 50 NFE, bf16
+    python scripts/benchmark.py --size=mid          # a CPU: fp32 vs auto, batch 1 and 4 (minutes on a quiet 2-core CPU)
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --size=mid --clock=process    # the same on a shared CPU
+    python scripts/benchmark.py --size=full         # one GPU, < 8 min: every mode, 512², 50 NFE, bf16, batch 1 and 4
     python scripts/benchmark.py --size=mid --compile --modes=t2i --batches=1   # torch.compile (config.nnet.compile)
+    python scripts/benchmark.py --size=mid --profile --batches=4   # the U-ViT against a plain SDPA transformer
 
-Sizes: ``tiny`` (the test components), ``mid`` (d 512, depth 12, 256 image tokens, 77 text tokens: what a CPU runs in
-minutes) and ``full`` (UniDiffuser-v1, 952M). Random weights: timing does not depend on them. UniDiffuser modes run
-the plain v1 network, EmpathDiffuser modes the conditional one. A sample's time covers the speaker path (computed once
-per sample) and the diffusion loop; encoders, the VAE decoder and caption decoding are timed apart. Each measurement
-is the median of ``--repeats`` runs after a one-step warm-up; with ``--compile`` the compiled graphs are dropped
-before each measurement, so its warm-up includes the compile a fresh ``sample_multi.py`` run pays.
+Sizes: ``tiny`` (the test components), ``mid`` (d 512, depth 12, 256 image tokens, 77 text tokens) and ``full``
+(UniDiffuser-v1, 952M). Random weights: timing does not depend on them. UniDiffuser modes run the plain v1 network,
+EmpathDiffuser modes the conditional one. A sample's time covers the speaker path (computed once per sample) and the
+diffusion loop; encoders, the VAE decoder and caption decoding are timed apart. Each figure is the median of
+``--repeats`` runs after a one-step warm-up, the precisions timed in turns; with ``--compile`` the compiled graphs
+are dropped before each mode and batch, so the warm-up includes the compile a fresh ``sample_multi.py`` run pays.
+Run on a CPU, it ends with one line per full-size GPU figure still unmeasured.
 """
 import datetime
 import os
@@ -35,7 +38,8 @@ flags.DEFINE_string('batches', '1,4', 'comma-separated samples per batch')
 flags.DEFINE_integer('steps', None, 'sampling steps = NFE (default: 50 at full size, 10 at mid, the config at tiny)')
 flags.DEFINE_integer('repeats', None, 'timed runs per measurement, median reported (default: 1 at mid, 3 otherwise)')
 flags.DEFINE_enum('clock', 'wall', ['wall', 'process'], "wall-clock seconds, or this process's CPU seconds: on a "
-                  'shared CPU run with OMP_NUM_THREADS=1 --clock=process, which other jobs barely change')
+                  'shared CPU run with OMP_NUM_THREADS=1 --clock=process, which other jobs barely change (with '
+                  '--compile also TORCHINDUCTOR_COMPILE_THREADS=1, so that the compile runs where it is counted)')
 flags.DEFINE_boolean('compile', False, 'torch.compile the U-ViTs (libs.pipeline.compile_nnet)')
 flags.DEFINE_boolean('forward_only', False, 'time only U-ViT forwards (full size on a CPU takes seconds each)')
 flags.DEFINE_boolean('profile', False, 'profile the response forward against a plain SDPA transformer of the same '
@@ -44,7 +48,7 @@ flags.DEFINE_float('max_minutes', None, 'stop measuring after this long and list
                    'at full size, none otherwise)')
 
 MID = dict(img_size=32, embed_dim=512, depth=12, num_heads=8)  # 16x16 = 256 image tokens with 2x2 patches
-# The GPU figures the issues ask for; the targets are the issues' (None: no target, still a figure to measure).
+# Targets of the issues for full-size GPU figures (s/sample at bf16, 50 NFE); the other figures have none yet.
 GPU_TARGETS = {('joint', 1): 1.0, ('empath', 1): 0.8}
 CAPTION_TARGET_S = 0.05
 
@@ -59,9 +63,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it waited for (the compiler torch.compile runs)."""
+    children = os.times()
+    return time.process_time() + children.children_user + children.children_system
+
+
 def seconds(fn, device) -> float:
-    """Seconds of one fn() call on the --clock (wall, or this process's CPU time)."""
-    clock = time.process_time if FLAGS.clock == 'process' else time.perf_counter
+    """Seconds of one fn() call on the --clock (wall, or CPU time)."""
+    clock = cpu_seconds if FLAGS.clock == 'process' else time.perf_counter
     sync(device)
     start = clock()
     fn()
@@ -143,7 +153,8 @@ def build_components(config, device, name):
     """pipeline.Components holding a random U-ViT (``name`` = nnet.name) and no encoders."""
     from libs import pipeline
     from libs.uvit import build_nnet
-    nnet = build_nnet(dict(config.nnet, name=name)).to(device).eval().requires_grad_(False)
+    with torch.device(device):  # initialised where it runs: a 952M CPU initialisation takes minutes
+        nnet = build_nnet(dict(config.nnet, name=name)).eval().requires_grad_(False)
     if config.nnet.compile:
         pipeline.compile_nnet(nnet)
     return pipeline.Components(config, device, nnet)
