@@ -1,8 +1,8 @@
 """Reading weights and images safely and writing files atomically (a crash never leaves a half-written file behind)."""
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Dict
 
 import torch
@@ -55,11 +55,26 @@ def describe_mismatch(expected: Dict[str, torch.Size], found: Dict[str, torch.Si
     return '; '.join(parts)
 
 
+def _create_temp(folder: str, prefix: str):
+    """A new file in folder opened for writing, as (fd, path), with the permissions the umask gives new files.
+
+    tempfile.mkstemp always creates mode 0600, which would make every atomically written output unreadable to other
+    users (a shared results folder, a web server); os.open with 0666 lets the kernel apply the umask as open() does.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
+    while True:
+        path = os.path.join(folder, f'{prefix}.{secrets.token_hex(6)}')
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:  # a name another writer drew too: draw again
+            continue
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write bytes to path via a temp file in the same folder and an atomic rename."""
+    """Write bytes to path via a temp file in the same folder and an atomic rename (permissions as the umask says)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-' + os.path.basename(path))
+    fd, tmp = _create_temp(folder, '.tmp-' + os.path.basename(path))
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
@@ -84,13 +99,34 @@ def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadat
 
 
 def atomic_replace_dir(tmp_dir: str, final_dir: str) -> None:
-    """Move a finished temp folder into place; an older folder of that name is removed only afterwards."""
-    old = None
-    if os.path.exists(final_dir):
-        old = final_dir + '.old'
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old:
+    """Move a finished temp folder into place; an older folder of that name is removed only afterwards.
+
+    A directory cannot be renamed over a non-empty one, so the old folder first moves aside to ``<final>.old``. If
+    the second rename fails, the old folder is put back; if the process dies between the two renames, the next
+    call (or ``recover_replaced_dir``) puts it back first. Either way the published folder is never lost.
+    """
+    recover_replaced_dir(final_dir)
+    old = final_dir + '.old'
+    if os.path.exists(old):  # left by a run that died after publishing, before removing the old folder
         shutil.rmtree(old)
+    if not os.path.exists(final_dir):
+        os.replace(tmp_dir, final_dir)
+        return
+    os.replace(final_dir, old)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        os.replace(old, final_dir)
+        raise
+    shutil.rmtree(old)
+
+
+def recover_replaced_dir(final_dir: str) -> str:
+    """Undo an ``atomic_replace_dir`` that died between its renames (only ``<final>.old`` exists); returns final_dir.
+
+    Readers of a published folder may call it before reading; writers get it from ``atomic_replace_dir``.
+    """
+    old = final_dir + '.old'
+    if not os.path.exists(final_dir) and os.path.isdir(old):
+        os.replace(old, final_dir)
+    return final_dir

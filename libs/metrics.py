@@ -1,8 +1,20 @@
-"""Evaluation metrics for AvaMERG: corpus BLEU and Dist-n, emotion accuracy / macro-F1, and FID."""
+"""Evaluation metrics for AvaMERG: BLEU (sacreBLEU and the papers' sentence BLEU) and Dist-n, emotion accuracy /
+macro-F1, and FID.
+
+Two BLEU conventions, because results are compared against both:
+
+- ``corpus_bleu_n`` / ``sacrebleu_score``: sacreBLEU's corpus BLEU on the raw strings (its 13a tokeniser, mixed
+  case, exp smoothing); BLEU-n is sacreBLEU with ``max_ngram_order=n``, so BLEU-4 is sacreBLEU's standard score,
+  whose signature ``sacrebleu_score`` returns.
+- ``sentence_bleu_n``: the mean over pairs of nltk's ``sentence_bleu`` (uniform weights 1/n, ``method1``
+  smoothing) on ``tokenize``'s lower-cased nltk word tokens, the averaged BLEU-1..4 of empathetic-dialogue papers.
+  CEM's and CASE's public code computes no BLEU at all (their evaluate.py has Dist-1/2 only; the lower-cased nltk
+  tokens are their preprocessing), and papers differ in the smoothing, which they seldom state.
+"""
+import functools
 import logging
-import math
 import os
-import re
+import unicodedata
 import warnings
 from collections import Counter
 
@@ -14,18 +26,79 @@ from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Lower-cased runs of word characters or of punctuation: the same split as nltk's `wordpunct_tokenize`, needs no data
-# files, and makes "sorry!" and "sorry ." share the token "sorry".
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]+")
 INCEPTION_POOL_DIM = 2048  # the standard FID feature: Inception-v3's final average pool
 INCEPTION_TORCHSCRIPT = 'inception-2015-12-05.pt'  # NVlabs / clean-fid TorchScript export of the TF FID network
 FID_EPS = 1e-6  # diagonal offset used by the reference FID code when sigma1 @ sigma2 is singular
 
 
 # ---------------------------------------------------------------- text ----------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _nltk_tokenizers():
+    """nltk's sentence splitter (Punkt with its default parameters) and word_tokenize's word tokenizer."""
+    from nltk.tokenize import NLTKWordTokenizer, PunktSentenceTokenizer
+    return PunktSentenceTokenizer(), NLTKWordTokenizer()
+
+
 def tokenize(text):
-    """Lower-case `text` and split it into word and punctuation tokens (`_TOKEN_RE`)."""
-    return _TOKEN_RE.findall(text.lower())
+    """Lower-cased nltk word tokens of `text`: ``nltk.word_tokenize(text.lower())`` without its punkt data file.
+
+    CEM and CASE lower-case and ``nltk.word_tokenize`` their texts. word_tokenize splits sentences with the trained
+    English Punkt model (the punkt_tab data file, which cannot be assumed offline), then tokenizes each sentence
+    with NLTKWordTokenizer; here sentences are split by Punkt with its default parameters instead. Both break at
+    '.', '?' and '!' before a space; they differ only where the trained model knows an abbreviation ("dr. smith"
+    stays one sentence there, so its "dr." is one token where this gives "dr" "."). Control and other non-printing
+    characters (which a random or barely trained caption decoder emits) are treated as spaces: nltk would keep
+    runs of them as tokens, inflating Dist-n with n-grams nobody can read.
+    """
+    text = ''.join(' ' if unicodedata.category(c)[0] == 'C' else c for c in text.lower())
+    sentences, words = _nltk_tokenizers()
+    return [token for sentence in sentences.tokenize(text) for token in words.tokenize(sentence)]
+
+
+def _check_pairs(hypotheses, references):
+    """Raise ValueError unless there are as many references as hypotheses, and at least one of each."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} references')
+    if not hypotheses:
+        raise ValueError('BLEU of an empty corpus')
+
+
+def corpus_bleu_n(hypotheses, references, max_n=4):
+    """sacreBLEU corpus BLEU-1..max_n in [0, 100] of the raw strings, one reference per hypothesis.
+
+    BLEU-n is sacreBLEU's BLEU with ``max_ngram_order=n`` (13a tokeniser, mixed case, exp smoothing): the brevity
+    penalty times the geometric mean of the corpus n-gram precisions p_1..p_n. BLEU-4 is sacreBLEU's standard score.
+    """
+    from sacrebleu.metrics import BLEU
+    _check_pairs(hypotheses, references)
+    hyps, refs = list(hypotheses), [list(references)]
+    return {f'bleu{n}': BLEU(max_ngram_order=n).corpus_score(hyps, refs).score for n in range(1, max_n + 1)}
+
+
+def sacrebleu_score(hypotheses, references):
+    """sacreBLEU's standard corpus BLEU (13a tokeniser, mixed case, exp smoothing) and its signature string."""
+    from sacrebleu.metrics import BLEU
+    _check_pairs(hypotheses, references)
+    bleu = BLEU()
+    score = bleu.corpus_score(list(hypotheses), [list(references)])
+    return {'score': score.score, 'signature': str(bleu.get_signature())}
+
+
+def sentence_bleu_n(hypotheses, references, max_n=4):
+    """Sentence BLEU-1..max_n in [0, 100] averaged over the pairs, on `tokenize`'s tokens (the papers' BLEU).
+
+    Per pair nltk's ``sentence_bleu([reference], hypothesis)`` with weights (1/n, ..., 1/n) and
+    ``SmoothingFunction().method1`` (a zero n-gram count becomes 0.1, so one missing 4-gram does not zero a short
+    reply); an empty hypothesis scores 0. The mean is over pairs, so short replies weigh as much as long ones.
+    """
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    _check_pairs(hypotheses, references)
+    weights = [(1 / n,) * n for n in range(1, max_n + 1)]
+    smoothing = SmoothingFunction().method1
+    total = np.zeros(max_n)
+    for hyp, ref in zip(hypotheses, references):
+        total += sentence_bleu([tokenize(ref)], tokenize(hyp), weights=weights, smoothing_function=smoothing)
+    return {f'bleu{n}': 100.0 * float(total[n - 1]) / len(hypotheses) for n in range(1, max_n + 1)}
 
 
 def _ngrams(tokens, n):
@@ -33,49 +106,11 @@ def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def corpus_bleu_n(hypotheses, references, max_n=4):
-    """Corpus BLEU-1..max_n in [0, 100], one reference per hypothesis, tokenised with `tokenize`.
-
-    Papineni et al.: clipped n-gram matches and candidate n-gram counts are summed over the corpus before dividing;
-    BLEU-k is the brevity penalty times the geometric mean of p_1..p_k (uniform weights); no smoothing, so a zero
-    precision gives 0.
-    """
-    if len(hypotheses) != len(references):
-        raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} references')
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references):
-        hyp, ref = tokenize(hyp), tokenize(ref)
-        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
-        for n in range(1, max_n + 1):
-            h, r = _ngrams(hyp, n), _ngrams(ref, n)
-            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
-            totals[n - 1] += sum(h.values())
-    bp = 0.0 if hyp_len == 0 else min(1.0, math.exp(1 - ref_len / hyp_len))
-    scores, log_sum = {}, 0.0
-    for n in range(1, max_n + 1):
-        if matches[n - 1] == 0:
-            log_sum = -math.inf
-        else:
-            log_sum += math.log(matches[n - 1] / totals[n - 1])
-        scores[f'bleu{n}'] = 100.0 * bp * math.exp(log_sum / n)
-    return scores
-
-
-def sacrebleu_score(hypotheses, references):
-    """sacreBLEU's standard corpus BLEU (13a tokeniser, mixed case, exp smoothing) and its signature string."""
-    from sacrebleu.metrics import BLEU
-
-    bleu = BLEU()
-    score = bleu.corpus_score(list(hypotheses), [list(references)])
-    return {'score': score.score, 'signature': str(bleu.get_signature())}
-
-
 def distinct_n(texts, n):
-    """Dist-n (Li et al., 2016) as the AvaMERG challenge reports it: distinct n-grams / all n-grams, x100.
+    """Dist-n (Li et al., 2016): distinct n-grams / all n-grams of the corpus, x100, on `tokenize`'s tokens.
 
-    Counted over the whole corpus (n-grams never cross sentence boundaries), tokens from `tokenize`; 0 if the corpus
-    has no n-gram.
+    Counted over the whole corpus as CEM's and CASE's evaluate.py count it (n-grams never cross sentence
+    boundaries); 0 if the corpus has no n-gram.
     """
     grams = Counter()
     for text in texts:
