@@ -200,7 +200,11 @@ def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, pr
     conditional = comp.nnet.condition
     if mode in modes.EMPATH_MODES:
         if not conditional:
-            raise UserError(f'mode {mode} needs an EmpathDiffuser network (nnet.name=uvit_empath)')
+            raise UserError(f'mode {mode} needs an EmpathDiffuser network (nnet.name=uvit_empath); this one is a '
+                            'UniDiffuser U-ViT without a speaker segment. Pass one with its config: '
+                            '--config=configs/sample_tiny_empath.py (the tiny random one of '
+                            'scripts/make_tiny_models.py), or a training config with its run\'s export, e.g. '
+                            '--config=configs/avamerg_empath.py --nnet_path=workdir/avamerg_empath/nnet_ema.safetensors')
         inputs.update(encode_speaker(comp, ctx, n_samples, image, prompt))
     else:
         if conditional:  # a fine-tuned network without a speaker turn is a plain UniDiffuser

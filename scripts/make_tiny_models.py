@@ -1,7 +1,11 @@
 """Write tiny random components in the official layouts (models/tiny by default) for a first CPU run.
 
-    python scripts/make_tiny_models.py                     # models/tiny, UniDiffuser-v1 and EmpathDiffuser nets
+    python scripts/make_tiny_models.py                     # models/tiny: UniDiffuser-v1 and EmpathDiffuser U-ViTs
     python sample_multi.py --config=configs/sample_tiny.py --mode=joint
+    python sample_multi.py --config=configs/sample_tiny_empath.py --mode=empath --prompt="I lost my job today."
+
+The weights are random: images come out as noise and texts as gibberish. They show that every stage runs, not what
+a trained model does.
 """
 import os
 import sys
@@ -18,15 +22,11 @@ flags.DEFINE_integer('seed', 0, 'seed of the random weights')
 
 def main(argv):
     del argv
-    import torch
     from common import tiny
-    from libs.tiny_models import make_tiny_models, randomize_
-    from libs.uvit import build_nnet
-    paths = make_tiny_models(tiny(FLAGS.out), seed=FLAGS.seed)
-    # The EmpathDiffuser network shares every other component with the v1 one.
-    empath = tiny(FLAGS.out, condition=True)
-    torch.save(randomize_(build_nnet(empath.nnet), FLAGS.seed + 4).state_dict(), empath.nnet_path)
-    print('\n'.join(f'{k}: {v}' for k, v in dict(paths, nnet_empath=empath.nnet_path).items()))
+    from libs.tiny_models import make_tiny_models
+    # The EmpathDiffuser U-ViT (configs/sample_tiny_empath.py) shares every other component with the v1 one.
+    paths = make_tiny_models(tiny(FLAGS.out), seed=FLAGS.seed, empath_config=tiny(FLAGS.out, condition=True))
+    print('\n'.join(f'{k}: {v}' for k, v in paths.items()))
 
 
 if __name__ == '__main__':
