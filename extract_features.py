@@ -203,6 +203,10 @@ def extract(config, split='train', overwrite=False, limit=None):
                                  count_tokens=text_encoder.count_tokens)
     pairs = reader.pairs[:limit]
     if not pairs:
+        if split == 'val' and not reader.skipped:
+            raise UserError(f'{reader.json_path}: config.data.val_fraction={config.data.val_fraction} holds out none '
+                            'of its conversations for validation; raise it (e.g. --config.data.val_fraction=0.1) or '
+                            'use a larger train.json')
         raise UserError(f'{reader.json_path}: no usable pairs (skipped: {dict(reader.skipped)})')
     autocast_dtype = AUTOCAST_DTYPES.get(config.mixed_precision) if state.device.type == 'cuda' else None
     shard_size, batch_size = config.data.shard_size, config.data.batch_size

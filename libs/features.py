@@ -44,7 +44,8 @@ TENSOR_DTYPES = {
 }
 META_KEYS = ('split', 'conversation_id', 'turn_id', 'speaker_stem', 'response_stem', 'speaker_text_raw',
              'response_text_raw', 'emotion')
-REEXTRACT = 'rerun extract_features.py for this split (it skips the shards that are finished)'
+REEXTRACT = ('rerun extract_features.py for this split (--split=train, val or test; it skips the shards that are '
+             'finished)')
 
 
 def shard_name(index: int) -> str:

@@ -292,6 +292,8 @@ def test_val_split_is_held_out_of_train_json_and_precision_is_recorded(tiny, tmp
     assert ids['train'] | ids['val'] <= everything
     with pytest.raises(UserError, match='split'):
         extract(tiny_config(models, root=data), 'dev')
+    with pytest.raises(UserError, match='val_fraction=1e-09 holds out none'):
+        extract(tiny_config(models, root=data, val_fraction=1e-9, val=str(tmp_path / 'none')), 'val')
 
 
 def test_goldless_test_split_extracts_with_empty_gold(tiny, tmp_path):
