@@ -9,7 +9,9 @@ Pair i draws all its noise from a generator seeded by (config.seed, i) and the b
 dealt round-robin to the processes, so responses do not depend on the number of processes. A process saves a batch's
 faces, then appends its records to pairs.rank<r>.jsonl (fsynced); a rerun merges these into pairs.jsonl and generates
 only the missing pairs. Also written: faces/<conversation_id>_<turn_id>.png, metrics.json, report.md,
-confusion_{32,7}.png, grid.png (speaker | generated | reference) and settings.json (the resume guard).
+confusion_{32,7}.png, grid.png (speaker | generated | reference) and settings.json (the resume guard). The output
+folder is locked while an evaluation runs in it; a network whose speaker segment is untrained (e.g. an official
+UniDiffuser checkpoint) is refused unless ``--allow_untrained_condition`` is given.
 """
 import dataclasses
 import glob
@@ -18,7 +20,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -27,11 +28,11 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import metrics, modes
+from libs import cli, config_check, metrics, modes, runlock
 from libs.avamerg import COARSE_7, EMOTIONS_32, AvaMERG, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
-from libs.io import atomic_write_bytes, atomic_write_json, read_rgb
+from libs.io import atomic_write_bytes, atomic_write_json, read_rgb, writing
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ def write_batch(out, rank, pairs, indices, images, texts, probs):
         pred = int(p.argmax())
         lines.append(json.dumps(dict(index=i, **pairs[i], generated=text, face=face, pred_label=pred,
                                      pred_emotion=EMOTIONS_32[pred], top3=top3), ensure_ascii=False) + '\n')
-    with open(os.path.join(out, PART.format(rank)), 'a', encoding='utf-8') as f:
+    part = os.path.join(out, PART.format(rank))
+    with writing(part), open(part, 'a', encoding='utf-8') as f:
         f.write(''.join(lines))
         f.flush()
         os.fsync(f.fileno())
@@ -271,11 +273,13 @@ def write_report(out, summary):
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------------
 
+@runlock.scope
 def evaluate(config, nnet_path=None, split='test', features=None, limit=None, skip_fid=False, output_path='out/eval',
-             batch_size=16):
+             batch_size=16, allow_untrained_condition=False):
     """Generate the split's missing responses, then score every pair; returns metrics.json's dict (None off-main)."""
     from accelerate import Accelerator
     from libs import pipeline
+    config_check.check(config, 'model', 'sample')
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UserError(f'--batch_size={batch_size} and --limit={limit} must be at least 1')
     acc, started = Accelerator(), time.time()
@@ -283,9 +287,9 @@ def evaluate(config, nnet_path=None, split='test', features=None, limit=None, sk
     inception_path = config.get('eval', {}).get('inception_path') or None
     # Before loading anything: FID needs the standard Inception network, or an explicit --skip_fid.
     inception = None if skip_fid else metrics.load_inception(inception_path).to(acc.device)
+    runlock.take(output_path, 'evaluation')
     comp = pipeline.load_components(config, acc.device, nnet_path, need_text=features is None)
-    if not comp.nnet.condition:
-        raise UserError(f'{nnet_path} is a {config.nnet.name} network; evaluation needs EmpathDiffuser (uvit_empath)')
+    pipeline.check_condition_trained(comp.nnet, f'evaluating {nnet_path}', allow_untrained_condition)
     source = FeatureSource(comp, config, split, features) if features else RawSource(comp, config, split)
     if inception is not None and source.reader is None:
         raise UserError('FID compares the generated faces with the reference frames, and there are none: set '
@@ -357,6 +361,8 @@ def define_flags():
     flags.DEFINE_bool('skip_fid', False, 'do not compute FID (needed when no Inception-v3 weights are available)')
     flags.DEFINE_string('output_path', 'out/eval', 'output folder (a rerun resumes in it)')
     flags.DEFINE_integer('batch_size', 16, 'pairs per sampling batch and process', lower_bound=1)
+    flags.DEFINE_bool('allow_untrained_condition', False, 'evaluate even though the network\'s speaker segment is '
+                      'untrained (e.g. to score an untrained baseline: the speaker has no effect, emotions are random)')
 
 
 def main(argv):
@@ -365,12 +371,8 @@ def main(argv):
     args = flags.FLAGS
     if args.config is None:
         raise app.UsageError('--config is required, e.g. --config=configs/avamerg_empath.py')
-    try:
-        summary = evaluate(args.config, args.nnet_path, args.split, args.features, args.limit, args.skip_fid,
-                           args.output_path, args.batch_size)
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    summary = evaluate(args.config, args.nnet_path, args.split, args.features, args.limit, args.skip_fid,
+                       args.output_path, args.batch_size, args.allow_untrained_condition)
     if summary is not None:
         m = summary['metrics']
         print(f'{summary["samples"]} pairs ({summary["run"]["generated"]} generated now): FID {m["fid"]}, '
@@ -380,4 +382,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -9,7 +9,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from libs import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', 'models/tiny', 'output folder')
@@ -18,16 +20,19 @@ flags.DEFINE_integer('seed', 0, 'seed of the random weights')
 
 def main(argv):
     del argv
+    os.makedirs(FLAGS.out, exist_ok=True)  # an unwritable --out fails now, before torch is imported
     import torch
     from common import tiny
+    from libs.io import writing
     from libs.tiny_models import make_tiny_models, randomize_
     from libs.uvit import build_nnet
-    paths = make_tiny_models(tiny(FLAGS.out), seed=FLAGS.seed)
-    # The EmpathDiffuser network shares every other component with the v1 one.
-    empath = tiny(FLAGS.out, condition=True)
-    torch.save(randomize_(build_nnet(empath.nnet), FLAGS.seed + 4).state_dict(), empath.nnet_path)
+    with writing(FLAGS.out):  # torch.save reports a full disk without an errno
+        paths = make_tiny_models(tiny(FLAGS.out), seed=FLAGS.seed)
+        # The EmpathDiffuser network shares every other component with the v1 one.
+        empath = tiny(FLAGS.out, condition=True)
+        torch.save(randomize_(build_nnet(empath.nnet), FLAGS.seed + 4).state_dict(), empath.nnet_path)
     print('\n'.join(f'{k}: {v}' for k, v in dict(paths, nnet_empath=empath.nnet_path).items()))
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)
