@@ -23,9 +23,9 @@ from ml_collections import config_flags
 from safetensors import safe_open
 from tqdm import tqdm
 
-from libs import cli, config_check, runlock
+from libs import cli, config_check, hub, logs, runlock
 from libs.autoencoder import center_crop_resize, load_autoencoder, to_tensor_m11
-from libs.avamerg import AvaMERG
+from libs import avamerg
 from libs.clip_encoders import CLIPImageEncoder, CLIPTextEncoder
 from libs.errors import UserError
 from libs.features import (MANIFEST, TENSOR_DTYPES, finished_shards, make_manifest, shard_name, tensor_spec,
@@ -185,14 +185,14 @@ def finish(out, reader, num_pairs, shard_size, settings, info):
 def extract(config, split='train', overwrite=False, limit=None):
     """Encode the split's pairs into the feature folder of config.data; returns that folder."""
     out, state = check_config(config, split), Accelerator()
+    hub.preflight(config, ('autoencoder', 'clip_text', 'clip_img'))
     runlock.take(out, 'feature extraction')
     encoders, hashes = load_encoders(config, state.device)
     resolution = config.z_shape[-1] * 2 ** (len(config.autoencoder.block_out_channels) - 1)
     text_encoder = encoders[1]
     # Every process reads the split itself: no process waits on another (video frames are cached atomically).
-    reader = AvaMERG(config.data.root, split, speaker_text=config.data.speaker_text,
-                     history_tokens=text_encoder.max_length, count_tokens=text_encoder.count_tokens,
-                     val_fraction=config.data.val_fraction)
+    reader = avamerg.from_config(config.data, split, history_tokens=text_encoder.max_length,
+                                 count_tokens=text_encoder.count_tokens)
     pairs = reader.pairs[:limit]
     if not pairs:
         raise UserError(f'{reader.json_path}: no usable pairs (skipped: {dict(reader.skipped)})')
@@ -228,7 +228,8 @@ def extract(config, split='train', overwrite=False, limit=None):
     with tqdm(total=sum(len(b) for b in loader.batch_sampler), unit='pair', disable=not state.is_main_process) as bar:
         for index, pixels, clip_pixels in loader:
             batch = [pairs[i] for i in index.tolist()]
-            texts = [t for p in batch for t in (p.speaker_text, p.response_text)]
+            # A test split without gold responses encodes '' in their place (evaluation never reads it).
+            texts = [t for p in batch for t in (p.speaker_text, p.response_text or '')]
             moments, clip, text = encode_batch(encoders, pixels, clip_pixels, texts, autocast_dtype)
             records += [make_record(p, moments[b], clip[b], text[b]) for b, p in enumerate(batch)]
             shard = index[0].item() // shard_size
@@ -252,6 +253,7 @@ def define_flags():
                       'held-out conversations), val (those), test (test/test.json)')
     flags.DEFINE_bool('overwrite', False, 'delete features made with other settings in the output folder and restart')
     flags.DEFINE_integer('limit', None, 'encode only the first N pairs (smoke tests)', lower_bound=1)
+    logs.define_flags()
 
 
 def main(argv):
@@ -260,9 +262,10 @@ def main(argv):
     args = flags.FLAGS
     if args.config is None:
         raise app.UsageError('--config is required, e.g. --config=configs/avamerg_empath.py')
+    logs.setup(args.verbose)
     extract(args.config, args.split, args.overwrite, args.limit)
 
 
 if __name__ == '__main__':
     define_flags()
-    cli.run(main)
+    cli.run(main, flags_parser=logs.parse_flags)

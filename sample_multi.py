@@ -21,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from libs import cli, config_check, modes, pipeline
+from libs import cli, config_check, logs, modes, pipeline
 from libs.errors import UserError
 from libs.io import atomic_replace_dir, writing
 
@@ -42,6 +42,7 @@ def define_flags():
     flags.DEFINE_bool('allow_untrained_condition', False, 'run an empath mode even though the network\'s speaker '
                       'segment is untrained (the speaker then has no effect and the emotions are random)')
     flags.mark_flag_as_required('mode')
+    logs.define_flags()
 
 
 def check_flags(mode, prompt, img, n_samples):
@@ -111,7 +112,8 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
                 img=img if {'img', 'speaker'} & set(needs) else None)
     record = dict(mode=mode, inputs=used, n_samples=n_samples, seed=config.seed,
                   nnet_path=nnet_path or config.nnet_path, settings=config.sample.to_dict(),
-                  seconds_per_sample=seconds / n_samples, peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),
+                  seconds_per_sample=round(seconds / n_samples, 3),
+                  peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),
                   device=str(device))
     with writing(os.path.join(output_path, mode)):
         tmp = tempfile.mkdtemp(dir=output_path, prefix=f'.{mode}-')
@@ -127,14 +129,25 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
     return record
 
 
+def emotion_lines(emotions):
+    """Terminal lines for the predicted speaker emotions (top-3, rounded); one line when every sample agrees."""
+    tops = [', '.join(f'{label} {p:.2f}' for label, p in top) for top in emotions or ()]
+    if len(set(tops)) == 1:
+        return [f'speaker emotion: {tops[0]}']
+    return [f'speaker emotion, sample {i}: {top}' for i, top in enumerate(tops)]
+
+
 def main(argv):
     del argv
+    logs.setup(FLAGS.verbose)
     record = sample(FLAGS.config, FLAGS.mode, FLAGS.prompt, FLAGS.img, FLAGS.n_samples, FLAGS.nrow, FLAGS.output_path,
                     FLAGS.nnet_path, FLAGS.allow_untrained_condition)
     print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample, '
           f'peak memory {record["peak_memory_gb"]:.2f} GB -> {os.path.join(FLAGS.output_path, FLAGS.mode)}')
+    for line in emotion_lines(record['outputs']['emotions']):
+        print(line)
 
 
 if __name__ == '__main__':
     define_flags()
-    cli.run(main)
+    cli.run(main, flags_parser=logs.parse_flags)

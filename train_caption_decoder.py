@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from libs import cli, config_check
+from libs import cli, config_check, hub, logs
 from libs.caption_decoder import EOS_TOKEN, load_caption_decoder, save_official_layout
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
@@ -139,6 +139,7 @@ def train(config, features: str = None) -> dict:
         raise UserError(f'{root}: {len(train_split)} training and {len(heldout)} held-out utterances; both must be '
                         'non-empty (use a larger cache or change caption_decoder_train.heldout_fraction)')
     evaluated = heldout[:tc.eval_utterances]
+    hub.preflight(config, ('caption_decoder',))
     decoder = load_caption_decoder(cd.pretrained_path, cd.tokenizer, cd.local_files_only, config=cd, device=device)
     tokens = tokenize(decoder.tokenizer, [u.text for u in train_split], tc.max_tokens)
     truncated = sum(len(t) == tc.max_tokens for t in tokens)
@@ -212,7 +213,7 @@ def main(argv):
     del argv
     if flags.FLAGS.config is None:
         raise app.UsageError('pass --config=configs/avamerg_empath.py (or another training config)')
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
+    logs.setup(flags.FLAGS.verbose)
     train(flags.FLAGS.config, flags.FLAGS.features)
 
 
@@ -220,4 +221,5 @@ if __name__ == '__main__':
     config_flags.DEFINE_config_file('config', None, 'Training config, e.g. configs/avamerg_empath.py.',
                                     lock_config=False)
     flags.DEFINE_string('features', None, 'Feature cache folder to read (default: the config\'s).')
-    cli.run(main)
+    logs.define_flags()
+    cli.run(main, flags_parser=logs.parse_flags)

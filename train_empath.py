@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import cli, config_check, runlock, trainer
+from libs import cli, config_check, hub, logs, runlock, trainer
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
 from libs.features import FeatureDataset, RankSampler, ShuffledStream, StreamDataset, micro_batch_size
@@ -45,6 +45,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/avamerg_empath.py.',
                                     lock_config=False)
     flags.DEFINE_bool('dry_run', False, 'Check the config, data and weights, build everything, then exit.')
+    logs.define_flags()
 
 
 def setup_logging(run_dir: str, is_main: bool) -> None:
@@ -135,6 +136,7 @@ def train(config, dry_run: bool = False) -> dict:
     from accelerate import Accelerator
     config_check.check(config, 'model', 'sample', 'train')
     tc = config.train
+    hub.preflight(config, ('init_from', 'caption_decoder', 'autoencoder' if tc.sample_every > 0 else None))
 
     # Accelerator, run folder, logging -----------------------------------------------------------------------------
     run_dir = os.path.join(config.workdir, config.name)
@@ -316,6 +318,7 @@ def main(argv):
     del argv
     if FLAGS.config is None:
         raise app.UsageError('pass --config=configs/avamerg_empath.py (or another training config)')
+    logs.setup(FLAGS.verbose)
     state = train(FLAGS.config, FLAGS.dry_run)
     if 'export' in state:
         exported = os.path.join(FLAGS.config.workdir, FLAGS.config.name, trainer.EXPORT)
@@ -325,4 +328,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    cli.run(main)
+    cli.run(main, flags_parser=logs.parse_flags)

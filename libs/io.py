@@ -4,18 +4,21 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from typing import Dict, Optional
 
 import torch
 from PIL import Image
 
 from libs.errors import UserError
+from libs.hub import local_path
 
 
 def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -> Dict[str, torch.Tensor]:
-    """Load a flat tensor dict from .safetensors or a .pth/.pt/.ckpt file, never unpickling arbitrary objects."""
+    """Load a flat tensor dict from .safetensors or a .pth/.pt/.ckpt file (local, or an ``hf://`` reference, see
+    libs/hub.py), never unpickling arbitrary objects."""
+    path = local_path(path, what=what)
     if not os.path.isfile(path):
         hint = f' {how_to_get}' if how_to_get else ''
         raise UserError(f'{what} not found: {path}.{hint}')
@@ -96,12 +99,27 @@ def writing(path: str):
         raise OSError(code, os.strerror(code), path) from err
 
 
+def _create_temp(folder: str, prefix: str):
+    """A new file in folder opened for writing, as (fd, path), with the permissions the umask gives new files.
+
+    tempfile.mkstemp always creates mode 0600, which would make every atomically written output unreadable to other
+    users (a shared results folder, a web server); os.open with 0666 lets the kernel apply the umask as open() does.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
+    while True:
+        path = os.path.join(folder, f'{prefix}.{secrets.token_hex(6)}')
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:  # a name another writer drew too: draw again
+            continue
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write bytes to path via a temp file in the same folder and an atomic rename."""
+    """Write bytes to path via a temp file in the same folder and an atomic rename (permissions as the umask says)."""
     folder = os.path.dirname(os.path.abspath(path))
     with writing(path):
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-' + os.path.basename(path))
+        fd, tmp = _create_temp(folder, '.tmp-' + os.path.basename(path))
         try:
             with os.fdopen(fd, 'wb') as f:
                 f.write(data)

@@ -37,15 +37,23 @@ class Components:
         return self.config.z_shape[-1] * 2 ** (len(self.config.autoencoder.block_out_channels) - 1)
 
 
+def needed_parts(need_images=True, need_text=True):
+    """The pretrained components (libs.hub.PARTS) that ``load_components`` loads."""
+    return ('nnet', 'caption_decoder') + (('clip_text',) if need_text else ()) + \
+        (('autoencoder', 'clip_img') if need_images else ())
+
+
 def load_components(config, device, nnet_path=None, need_images=True, need_text=True) -> Components:
     """Build every network from the config and load its weights (each loader fails loudly on missing files)."""
+    from libs import hub
+    hub.preflight(config, needed_parts(need_images, need_text), nnet_path)  # all missing files, before any import
     from libs.autoencoder import load_autoencoder
     from libs.caption_decoder import load_caption_decoder
     from libs.clip_encoders import CLIPImageEncoder, CLIPTextEncoder
 
     nnet_path = nnet_path or config.nnet_path
     # A train_empath.py export rebuilds its own network (the config it was trained with), whatever config.nnet says.
-    nnet = build_nnet((checkpoint_config(nnet_path) or config).get('nnet'))
+    nnet = build_nnet((checkpoint_config(hub.local_path(nnet_path)) or config).get('nnet'))
     load_nnet_weights(nnet, nnet_path, logger)
     comp = Components(config, device, nnet.to(device).eval().requires_grad_(False))
     cd = config.caption_decoder

@@ -194,9 +194,9 @@ def test_missing_checkpoint_says_where_to_get_it(tmp_path, tokenizer_dir):
 
 def test_empty_or_mismatched_tokenizer_is_rejected(tmp_path, tokenizer, tokenizer_dir):
     os.makedirs(tmp_path / 'empty')
-    with pytest.raises(UserError, match='huggingface-cli download gpt2'):
+    with pytest.raises(UserError, match='hf download openai-community/gpt2 vocab.json merges.txt'):
         load_gpt2_tokenizer(str(tmp_path / 'empty'))  # transformers returns a 1-token tokenizer here, silently
-    with pytest.raises(UserError, match='huggingface-cli download gpt2'):
+    with pytest.raises(UserError, match='hf download openai-community/gpt2'):
         load_gpt2_tokenizer(tokenizer_dir, vocab_size=len(tokenizer) + 1)
     official = unidiffuser('v1').caption_decoder
     with pytest.raises(UserError, match='50258'):  # the official checkpoint needs the full GPT-2 tokenizer

@@ -293,3 +293,15 @@ def test_val_split_is_held_out_of_train_json_and_precision_is_recorded(tiny, tmp
     assert ids['train'] | ids['val'] <= everything
     with pytest.raises(UserError, match='split'):
         extract(tiny_config(models, root=data), 'dev')
+
+
+def test_goldless_test_split_extracts_with_empty_gold(tiny, tmp_path):
+    models, _ = tiny
+    data = str(tmp_path / 'avamerg')
+    make_dataset(data, seed=5, dialogues=2, test_dialogues=2, size=FACE_SIZE, test_gold='none')
+    config = tiny_config(models, root=data, test=str(tmp_path / 'test'))
+    cache = FeatureDataset(extract(config, 'test'))
+    assert len(cache) > 0
+    metas = [cache[i] for i in range(len(cache))]
+    assert all(m['response_text_raw'] is None and m['emotion'] is None and m['label'] == -1 for m in metas)
+    assert all(m['split'] == 'test' and torch.isfinite(m['speaker_text'].float()).all() for m in metas)
