@@ -144,13 +144,34 @@ def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadat
 
 
 def atomic_replace_dir(tmp_dir: str, final_dir: str) -> None:
-    """Move a finished temp folder into place; an older folder of that name is removed only afterwards."""
-    old = None
-    if os.path.exists(final_dir):
-        old = final_dir + '.old'
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old:
+    """Move a finished temp folder into place; an older folder of that name is removed only afterwards.
+
+    A directory cannot be renamed over a non-empty one, so the old folder first moves aside to ``<final>.old``. If
+    the second rename fails, the old folder is put back; if the process dies between the two renames, the next
+    call (or ``recover_replaced_dir``) puts it back first. Either way the published folder is never lost.
+    """
+    recover_replaced_dir(final_dir)
+    old = final_dir + '.old'
+    if os.path.exists(old):  # left by a run that died after publishing, before removing the old folder
         shutil.rmtree(old)
+    if not os.path.exists(final_dir):
+        os.replace(tmp_dir, final_dir)
+        return
+    os.replace(final_dir, old)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        os.replace(old, final_dir)
+        raise
+    shutil.rmtree(old)
+
+
+def recover_replaced_dir(final_dir: str) -> str:
+    """Undo an ``atomic_replace_dir`` that died between its renames (only ``<final>.old`` exists); returns final_dir.
+
+    Readers of a published folder may call it before reading; writers get it from ``atomic_replace_dir``.
+    """
+    old = final_dir + '.old'
+    if not os.path.exists(final_dir) and os.path.isdir(old):
+        os.replace(old, final_dir)
+    return final_dir

@@ -348,7 +348,7 @@ def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
     state = torch.load(os.path.join(path, 'training_state.pt'), map_location='cpu', weights_only=True)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(nnet, load_file(os.path.join(path, 'nnet.safetensors')), options=options)
-    ema.load_state_dict(load_file(os.path.join(path, 'nnet_ema.safetensors')))  # safetensors rejects device 'cpu:0'
+    ema.load_state_dict(load_file(os.path.join(path, 'nnet_ema.safetensors')))  # copied onto the EMA's device
     optimizer = getattr(optimizer, 'optimizer', optimizer)  # accelerate's wrapper -> the torch optimizer
     set_optimizer_state_dict(nnet, optimizer, state.pop('optimizer'), options=options)
     scheduler.load_state_dict(state.pop('scheduler'))

@@ -358,6 +358,20 @@ trainer.export_nnet = export_then_die
 sys.argv = ['train_empath.py'] + sys.argv[1:]
 runpy.run_path('train_empath.py', run_name='__main__')
 '''
+# SIGKILL in the middle of a training step (after its optimizer update, before its EMA update and logging): the
+# kill lands at the same point of every run, however fast the machine is.
+KILL_DURING_STEP = '''
+import os, runpy, signal, sys
+from libs import trainer
+decay = trainer.ema_decay
+def die_at_step(step, rate):
+    if step + 1 == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decay(step, rate)
+trainer.ema_decay = die_at_step
+sys.argv = ['train_empath.py'] + sys.argv[1:]
+runpy.run_path('train_empath.py', run_name='__main__')
+'''
 
 
 def test_sigkill_and_resume_is_bit_identical(tiny_root, tmp_path):
@@ -369,13 +383,12 @@ def test_sigkill_and_resume_is_bit_identical(tiny_root, tmp_path):
     workdir = tmp_path / 'killed'
     args = [f'--config=configs/avamerg_tiny.py:{tiny_root}', f'--config.workdir={workdir}', *overrides(common)]
     run = os.path.join(workdir, reference.name)
-    # 1. Kill from outside as soon as the first checkpoint exists.
-    proc = subprocess.Popen([sys.executable, 'train_empath.py', *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not os.path.isdir(os.path.join(run, 'ckpts', '10.ckpt')) and proc.poll() is None:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    # 1. SIGKILL during step 17: checkpoint 10 is complete and the metrics of step 15 are logged after it.
+    died = subprocess.run([sys.executable, '-c', KILL_DURING_STEP.format(step=17), *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    assert trainer.checkpoints(run) == [10]
+    assert [m['step'] for m in read_metrics(run) if 'loss' in m] == [5, 10, 15]
     # 2. Resume, and die while writing the step-30 checkpoint.
     died = subprocess.run([sys.executable, '-c', KILL_DURING_SAVE.format(step=30), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
