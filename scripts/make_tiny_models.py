@@ -13,7 +13,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from libs import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', 'models/tiny', 'output folder')
@@ -22,12 +24,15 @@ flags.DEFINE_integer('seed', 0, 'seed of the random weights')
 
 def main(argv):
     del argv
+    os.makedirs(FLAGS.out, exist_ok=True)  # an unwritable --out fails now, before torch is imported
     from common import tiny
+    from libs.io import writing
     from libs.tiny_models import make_tiny_models
-    # The EmpathDiffuser U-ViT (configs/sample_tiny_empath.py) shares every other component with the v1 one.
-    paths = make_tiny_models(tiny(FLAGS.out), seed=FLAGS.seed, empath_config=tiny(FLAGS.out, condition=True))
+    with writing(FLAGS.out):  # torch.save reports a full disk without an errno
+        # The EmpathDiffuser U-ViT (configs/sample_tiny_empath.py) shares every other component with the v1 one.
+        paths = make_tiny_models(tiny(FLAGS.out), seed=FLAGS.seed, empath_config=tiny(FLAGS.out, condition=True))
     print('\n'.join(f'{k}: {v}' for k, v in paths.items()))
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)
