@@ -79,7 +79,8 @@ def make_context(comp: Components, generator: torch.Generator) -> modes.Context:
     autocast = torch.bfloat16 if comp.device.type == 'cuda' and config.mixed_precision == 'bf16' else None
     ctx = modes.Context(
         nnet=comp.nnet,
-        sampler=functools.partial(get_sampler(config.sample.sampler), skip_type=config.sample.skip_type), schedule=NoiseScheduleVP(betas), N=len(betas),
+        sampler=functools.partial(get_sampler(config.sample.sampler), skip_type=config.sample.skip_type),
+        schedule=NoiseScheduleVP(betas), N=len(betas),
         steps=config.sample.sample_steps, scale=config.sample.scale, z_shape=tuple(config.z_shape),
         clip_img_dim=config.clip_img_dim, text_shape=(config.num_text_tokens, config.text_dim),
         data_type=config.data_type if comp.nnet.use_data_type else None, t2i_cfg_mode=config.sample.t2i_cfg_mode,
