@@ -14,8 +14,9 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
+# -rs lists the reason of every skipped test (e.g. the browser test where Chromium is not installed).
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -rs
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py --out out/demo

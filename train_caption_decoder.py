@@ -13,7 +13,6 @@ and after (corpus BLEU-1..4). Writes ``<workdir>/<name>/caption_decoder.pth`` (o
 import json
 import logging
 import os
-import sys
 from typing import List, NamedTuple
 
 import torch
@@ -23,10 +22,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from libs import cli, config_check, hub, logs
 from libs.caption_decoder import EOS_TOKEN, load_caption_decoder, save_official_layout
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
-from libs.io import atomic_write_json
+from libs.io import atomic_write_json, writing
 from libs.metrics import corpus_bleu_n
 
 logger = logging.getLogger('train_caption_decoder')
@@ -116,6 +116,7 @@ def train(config, features: str = None) -> dict:
     """Fine-tune the configured caption decoder; returns the report (also written to the run folder)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    config_check.check(config, 'model', 'caption_decoder_train')
     tc, cd = config.caption_decoder_train, config.caption_decoder
     root = features or tc.features or config.data.train
     run_dir = os.path.join(config.workdir, config.name)
@@ -138,6 +139,7 @@ def train(config, features: str = None) -> dict:
         raise UserError(f'{root}: {len(train_split)} training and {len(heldout)} held-out utterances; both must be '
                         'non-empty (use a larger cache or change caption_decoder_train.heldout_fraction)')
     evaluated = heldout[:tc.eval_utterances]
+    hub.preflight(config, ('caption_decoder',))
     decoder = load_caption_decoder(cd.pretrained_path, cd.tokenizer, cd.local_files_only, config=cd, device=device)
     tokens = tokenize(decoder.tokenizer, [u.text for u in train_split], tc.max_tokens)
     truncated = sum(len(t) == tc.max_tokens for t in tokens)
@@ -187,9 +189,10 @@ def train(config, features: str = None) -> dict:
         logger.info('held-out round-trip BLEU after: %s', bleu_after)
         accelerator.log({f'caption_decoder/{k}': v for k, v in bleu_after.items()}, step=step)
         path = os.path.join(run_dir, tc.output)
-        os.makedirs(run_dir, exist_ok=True)
-        save_official_layout(decoder, path + '.tmp')  # then renamed: a crash never leaves a half-written file
-        os.replace(path + '.tmp', path)
+        with writing(path):  # torch.save reports a full disk without an errno
+            os.makedirs(run_dir, exist_ok=True)
+            save_official_layout(decoder, path + '.tmp')  # then renamed: a crash never leaves a half-written file
+            os.replace(path + '.tmp', path)
         report = dict(features=root, initial_decoder=cd.pretrained_path, output=path, steps=step,
                       batch_size=tc.batch_size * accelerator.num_processes, lr=tc.lr,
                       train_encode_prefix=tc.train_encode_prefix, max_tokens=tc.max_tokens,
@@ -206,20 +209,17 @@ def train(config, features: str = None) -> dict:
 
 
 def main(argv):
-    """Command-line entry: bad input exits with code 2."""
+    """Command-line entry (through libs.cli: bad input exits with code 2)."""
     del argv
     if flags.FLAGS.config is None:
         raise app.UsageError('pass --config=configs/avamerg_empath.py (or another training config)')
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
-    try:
-        train(flags.FLAGS.config, flags.FLAGS.features)
-    except UserError as err:
-        logger.error('%s', err)
-        sys.exit(2)
+    logs.setup(flags.FLAGS.verbose)
+    train(flags.FLAGS.config, flags.FLAGS.features)
 
 
 if __name__ == '__main__':
     config_flags.DEFINE_config_file('config', None, 'Training config, e.g. configs/avamerg_empath.py.',
                                     lock_config=False)
     flags.DEFINE_string('features', None, 'Feature cache folder to read (default: the config\'s).')
-    app.run(main)
+    logs.define_flags()
+    cli.run(main, flags_parser=logs.parse_flags)

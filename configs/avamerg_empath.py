@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import d, unidiffuser  # noqa: E402
+from common import UNIDIFFUSER_V1, d, hub, unidiffuser  # noqa: E402
 
 
 def empath(config, features='features/avamerg_512'):
@@ -18,7 +18,8 @@ def empath(config, features='features/avamerg_512'):
     config.log_with = 'tensorboard'           # 'tensorboard', 'wandb' (offline unless WANDB_MODE says otherwise) or ''
     config.nnet.update(name='uvit_empath', num_emotions=32)
     config.train = d(
-        init_from='models/uvit_v1.pth',       # official (or fine-tuned) U-ViT weights; '' trains from scratch
+        # official (or fine-tuned) U-ViT weights; '' trains from scratch
+        init_from=hub(UNIDIFFUSER_V1, config.revisions.get_ref('unidiffuser'), 'uvit_v1.pth'),
         resume=True,                          # continue from the newest complete checkpoint of the run folder
         n_steps=20000,
         batch_size=64,                        # pairs per optimizer step, over all processes and accumulation steps
@@ -58,6 +59,9 @@ def empath(config, features='features/avamerg_512'):
         root='data/avamerg',                  # AvaMERG: train.json, test/test.json, image_v5_0/ or video_v5_0/
         speaker_text='last',                  # 'last' speaker utterance, or the 'history' cut from the left to fit
         val_fraction=0.02,                    # conversations of train.json held out (stable hash of the id) as 'val'
+        media_dirs=(),                        # extra folders holding the frames/videos (libs.avamerg.MEDIA_DIRS: known ones)
+        frames_cache='',                      # where frames taken from videos are cached ('' = beside the videos)
+        test_gold='',                         # a separate gold file for a test.json without responses/labels
         shard_size=1024,                      # pairs per feature shard (extract_features.py)
         batch_size=64,                        # pairs per encoder batch (extract_features.py)
         # Feature caches per split (extract_features.py --split=train|val|test). Training reads train and selects

@@ -2,8 +2,14 @@
 
 Every size-like number lives here once and is tied to its users with ``get_ref``; scripts read them from the
 config (or from the encoders' own configs) instead of repeating literals.
+
+The full-size components are Hugging Face Hub references (``hf://OWNER/NAME@REVISION[/FILE]``, see libs/hub.py),
+fetched into the hub cache on first use; ``config.revisions`` pins each repository (a branch, tag or commit:
+``--config.revisions.unidiffuser=<commit>``). Any reference can be replaced by a local path.
 """
 import ml_collections
+
+from libs.hub import CLIP_IMG_REPO, CLIP_TEXT_REPO, GPT2_REPO, UNIDIFFUSER_V0, UNIDIFFUSER_V1
 
 
 def d(**kwargs):
@@ -11,7 +17,12 @@ def d(**kwargs):
     return ml_collections.ConfigDict(initial_dictionary=kwargs)
 
 
-def sd_vae(path='models/autoencoder_kl.pth'):
+def hub(repo, revision, path=''):
+    """A Hub reference ``hf://repo@revision[/path]``; ``revision`` may be a config reference, which it then follows."""
+    return f'hf://{repo}@' + revision + (f'/{path}' if path else '')
+
+
+def sd_vae(path):
     """The Stable Diffusion KL-f8 VAE of UniDiffuser (autoencoder_kl.pth, LDM key layout)."""
     return d(pretrained_path=path, in_channels=3, out_channels=3, latent_channels=4,
              block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, scale_factor=0.18215)
@@ -39,17 +50,23 @@ def unidiffuser(version='v1'):
     config.num_text_tokens = 77     # CLIP's context; checked against the text encoder's config at load time
     config.data_type = 1 if version == 'v1' else 0
     config.mixed_precision = 'bf16'  # used on GPUs only; CPU runs in float32
-    config.autoencoder = sd_vae()
-    config.clip_text = d(name_or_path='openai/clip-vit-large-patch14', local_files_only=False)
-    config.clip_img = d(name_or_path='openai/clip-vit-base-patch32', local_files_only=False)
-    config.caption_decoder = d(pretrained_path='models/caption_decoder.pth', tokenizer='gpt2',
-                               local_files_only=False, hidden_dim=config.get_ref('text_dim'), gpt2=gpt2_base())
+    # Revisions of the Hub repositories the components below come from ('main': the newest).
+    config.revisions = d(unidiffuser='main', clip_text='main', clip_img='main', gpt2='main')
+    repo, revision = UNIDIFFUSER_V1 if version == 'v1' else UNIDIFFUSER_V0, config.revisions.get_ref('unidiffuser')
+    config.autoencoder = sd_vae(hub(repo, revision, 'autoencoder_kl.pth'))
+    # local_files_only: never download that component (as HF_HUB_OFFLINE=1 does for all of them).
+    config.clip_text = d(name_or_path=hub(CLIP_TEXT_REPO, config.revisions.get_ref('clip_text')),
+                         local_files_only=False)
+    config.clip_img = d(name_or_path=hub(CLIP_IMG_REPO, config.revisions.get_ref('clip_img')), local_files_only=False)
+    config.caption_decoder = d(pretrained_path=hub(repo, revision, 'caption_decoder.pth'),
+                               tokenizer=hub(GPT2_REPO, config.revisions.get_ref('gpt2')), local_files_only=False,
+                               hidden_dim=config.get_ref('text_dim'), gpt2=gpt2_base())
     config.nnet = d(name='uvit_multi_post_ln_v1' if version == 'v1' else 'uvit_multi_post_ln', img_size=64,
                     in_chans=4, patch_size=2, embed_dim=1536, depth=30, num_heads=24, mlp_ratio=4, qkv_bias=False,
                     pos_drop_rate=0., drop_rate=0., attn_drop_rate=0., mlp_time_embed=False,
                     text_dim=config.get_ref('text_dim'), num_text_tokens=config.get_ref('num_text_tokens'),
                     clip_img_dim=config.get_ref('clip_img_dim'), use_checkpoint=True)
-    config.nnet_path = f'models/uvit_{version}.pth'
+    config.nnet_path = hub(repo, revision, f'uvit_{version}.pth')
     # The official sampler: DPM-Solver++ 'fast' on a time-uniform grid (what dpm_solver_pp.sample defaults to;
     # skip_type='logSNR' is more accurate at few steps but is not what the official results used).
     # The empath modes guide over the speaker turn: against no speaker with `scale` ('no_speaker'), or with a
@@ -62,6 +79,7 @@ def unidiffuser(version='v1'):
 def tiny(root='models/tiny', condition=False):
     """Tiny random components (written by scripts/make_tiny_models.py) that run every mode on a CPU in seconds."""
     config = unidiffuser('v1')
+    config.local_weights = d(folder=root, made_by=f'python scripts/make_tiny_models.py --out {root}')  # for hints
     config.z_shape = (4, 16, 16)      # 32x32 images through the 2x tiny VAE
     config.clip_img_dim = 16
     config.clip_text_dim = 32

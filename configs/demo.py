@@ -26,6 +26,7 @@ def get_config(arg='out/demo'):
     models = f'{out}/models'
     config = tiny_training_config(models)
     config.name, config.workdir, config.seed = 'demo', f'{out}/train', 0
+    config.local_weights.made_by = f'python scripts/demo.py --out {out}'
 
     # Sizes. Faces are 32x32, where the expressions are still legible. The codec downsamples 4x into 8 channels
     # (8x8x8, a sixth of the pixels): diffusion in a compressed latent learns far faster, and its decoder turns small

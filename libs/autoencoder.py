@@ -5,7 +5,6 @@ The network is diffusers' `AutoencoderKL`; `FrozenAutoencoderKL` adds the offici
 preprocessing (square centre crop, Lanczos resize, [-1, 1]) with PIL and numpy only.
 """
 import logging
-import os
 import re
 
 import ml_collections
@@ -14,9 +13,10 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from PIL import Image
-from safetensors.torch import load_file
 
+from libs import hub
 from libs.errors import UserError
+from libs.io import describe_mismatch, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,10 @@ VAE_CONFIG_KEYS = ('in_channels', 'out_channels', 'latent_channels', 'block_out_
                    'norm_num_groups', 'scale_factor')
 # Bounds the official posterior puts on log-variance before sampling (LDM's DiagonalGaussianDistribution).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-WHERE_TO_GET = ('download autoencoder_kl.pth from the thu-ml/unidiffuser-v1 repository on the Hugging Face hub '
-                '(`huggingface-cli download thu-ml/unidiffuser-v1 autoencoder_kl.pth --local-dir models`) into models/')
+WHERE_TO_GET = (f'the official file is {hub.HF_PREFIX}{hub.UNIDIFFUSER_V1}/autoencoder_kl.pth (fetched into the '
+                'Hugging Face cache when given as the path), or run '
+                f'`{hub.download_command(hub.UNIDIFFUSER_V1, ["autoencoder_kl.pth"], local_dir="models")}` '
+                'for models/autoencoder_kl.pth')
 
 
 def sd_vae_config():
@@ -112,40 +114,16 @@ def ldm_state_dict_from_diffusers(state_dict):
     return out
 
 
-def _read_state_dict(path):
-    """Read a tensor dict from a .safetensors file or a weights-only torch pickle."""
-    try:
-        sd = load_file(path) if path.endswith('.safetensors') else torch.load(path, map_location='cpu',
-                                                                              weights_only=True)
-    except Exception as err:  # unpickling and safetensors raise many unrelated types
-        raise UserError(f'cannot read the autoencoder checkpoint {path}: {err}. {WHERE_TO_GET}') from err
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f'{path} is not a plain state dict of tensors; {WHERE_TO_GET}')
-    return sd
-
-
-def _check_layout(sd, expected, path):
-    """Raise a UserError naming the first missing, unexpected and wrongly shaped keys of an LDM state dict."""
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f'{k}: file {tuple(sd[k].shape)} vs model {tuple(v)}' for k, v in expected.items()
-              if k in sd and tuple(sd[k].shape) != tuple(v)]
-    problems = [f'{len(found)} {what} (first: {found[:3]})'
-                for what, found in (('missing keys', missing), ('unexpected keys', unexpected),
-                                    ('shape mismatches', shapes)) if found]
-    if problems:
-        raise UserError(f'autoencoder checkpoint {path} does not match the configured VAE: '
-                        + '; '.join(problems) + f'. Use the official file ({WHERE_TO_GET}) with sd_vae_config().')
-
-
 def load_autoencoder(path, vae_config, device='cpu'):
-    """Build the VAE from `vae_config` and load the LDM-layout checkpoint at `path` strictly."""
-    if not os.path.isfile(path):
-        raise UserError(f'autoencoder weights not found at {path}: {WHERE_TO_GET}')
-    sd = _read_state_dict(path)
+    """Build the VAE from `vae_config` and load the LDM-layout checkpoint at `path` (or hf:// reference) strictly."""
+    path = hub.local_path(path, what='autoencoder weights')
+    sd = read_state_dict(path, 'autoencoder weights', WHERE_TO_GET)
     model = FrozenAutoencoderKL(vae_config)
     expected = {k: v.shape for k, v in ldm_state_dict_from_diffusers(model.vae.state_dict()).items()}
-    _check_layout(sd, expected, path)
+    problems = describe_mismatch(expected, {k: v.shape for k, v in sd.items()})
+    if problems:
+        raise UserError(f'autoencoder checkpoint {path} does not match the configured VAE: {problems}. Use the '
+                        f'official file with sd_vae_config(): {WHERE_TO_GET}.')
     model.vae.load_state_dict(convert_ldm_vae_checkpoint(sd, dict(model.vae.config)), strict=True)
     logger.info('loaded autoencoder from %s (scale factor %g)', path, model.scale_factor)
     return model.to(device)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, GPT2TokenizerFast
 
+from libs import hub
 from libs.errors import UserError
 from libs.io import describe_mismatch, read_state_dict
 
@@ -26,11 +27,13 @@ GPT2_SPECIAL = '<|endoftext|>'
 CHECKPOINT_PREFIX = 'module.'  # the official file was saved from a DataParallel wrapper
 # Per-layer causal-mask buffers that older transformers releases stored in GPT-2 state dicts.
 LEGACY_BUFFER = re.compile(r'gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)')
-CHECKPOINT_HINT = ('Download caption_decoder.pth from the Hugging Face repo thu-ml/unidiffuser-v1 (e.g. '
-                   '`huggingface-cli download thu-ml/unidiffuser-v1 caption_decoder.pth --local-dir models/`) '
-                   'into models/, or point config.caption_decoder.pretrained_path at it.')
-TOKENIZER_HINT = ('Download the GPT-2 tokenizer once (`huggingface-cli download gpt2 --local-dir models/gpt2`) '
-                  'and point config.caption_decoder.tokenizer at models/gpt2.')
+CHECKPOINT_HINT = (f'The official decoder is {hub.HF_PREFIX}{hub.UNIDIFFUSER_V1}/caption_decoder.pth (fetched into the '
+                   'Hugging Face cache when config.caption_decoder.pretrained_path names it); for a local copy run '
+                   f'`{hub.download_command(hub.UNIDIFFUSER_V1, ["caption_decoder.pth"], local_dir="models")}`.')
+TOKENIZER_HINT = (f'Point config.caption_decoder.tokenizer at {hub.HF_PREFIX}{hub.GPT2_REPO} (fetched into the Hugging '
+                  'Face cache), or run `'
+                  + hub.download_command(hub.GPT2_REPO, hub.LAYOUTS['gpt2_tokenizer'].wanted(), local_dir='models/gpt2')
+                  + '` and point it at models/gpt2.')
 
 
 class Beams(NamedTuple):
@@ -198,8 +201,9 @@ def decode_beams(tokenizer, beams: Beams) -> List[str]:
             for i in order.tolist()]
 
 
-def load_gpt2_tokenizer(path_or_id='gpt2', vocab_size=None, local_files_only=True):
+def load_gpt2_tokenizer(path_or_id=hub.GPT2_REPO, vocab_size=None, local_files_only=True):
     """GPT-2 tokenizer plus the <|EOS|> token, checked to be complete (and of `vocab_size` if given)."""
+    path_or_id = hub.local_path(path_or_id, 'gpt2_tokenizer', local_files_only, 'GPT-2 tokenizer')
     try:
         tokenizer = GPT2Tokenizer.from_pretrained(path_or_id, local_files_only=local_files_only)
     except OSError as err:
@@ -214,7 +218,7 @@ def load_gpt2_tokenizer(path_or_id='gpt2', vocab_size=None, local_files_only=Tru
     return tokenizer
 
 
-def load_caption_decoder(path, tokenizer_path_or_id='gpt2', local_files_only=True, *, config, device='cpu'):
+def load_caption_decoder(path, tokenizer_path_or_id=hub.GPT2_REPO, local_files_only=True, *, config, device='cpu'):
     """Build the decoder from `config` (e.g. configs.common's `caption_decoder`) and load `path` strictly."""
     tokenizer = load_gpt2_tokenizer(tokenizer_path_or_id, config['gpt2']['vocab_size'], local_files_only)
     decoder = CaptionDecoder(config, tokenizer)

@@ -3,7 +3,8 @@
 Text: `CLIPTextModel` last hidden state of prompts padded to the model's context length with `<|endoftext|>`
 (UniDiffuser's `FrozenCLIPEmbedder`). Image: `CLIPVisionModelWithProjection.image_embeds` (OpenAI
 `encode_image`) of the image preprocessed like OpenAI's torchvision transform, done here with PIL.
-Offline loading can fail silently in transformers (an empty tokenizer); every such case raises `UserError`.
+Hub ids and ``hf://`` references are resolved to local folders by libs/hub.py first, so transformers only reads local
+files; a folder that still loads as an empty tokenizer (transformers does not raise there) raises `UserError`.
 """
 import collections
 import json
@@ -13,12 +14,12 @@ import re
 
 import numpy as np
 import torch
-from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
                           CLIPVisionModelWithProjection)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from libs import hub
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -35,24 +36,25 @@ TINY_TOKENIZER_TEXTS = ('i feel so happy today', 'i am sorry to hear that', 'tha
                         'a happy dog runs in the park', 'what happened to you?')
 
 
-def _how_to_get(hub_id):
-    """The command that puts a hub model into a local directory."""
-    return (f'download it with `huggingface-cli download {hub_id} --local-dir models/{hub_id.split("/")[-1]}` '
-            'and pass that directory')
+def _how_to_get(hub_id, kind):
+    """How to get a complete model folder: the Hub reference, or the command that puts a local copy in models/."""
+    local = f'models/{hub_id.split("/")[-1]}'
+    return (f'pass {hub.HF_PREFIX}{hub_id} (downloaded into the Hugging Face cache), or run '
+            f'`{hub.download_command(hub_id, hub.LAYOUTS[kind].wanted(), local_dir=local)}` and pass {local}')
 
 
-def _load_model(model_cls, name_or_path, local_files_only, hub_id):
+def _load_model(model_cls, name_or_path, local_files_only, hub_id, kind):
     """`from_pretrained` that fails loudly on missing files and on weights it would silently initialise."""
     try:
         model, info = model_cls.from_pretrained(name_or_path, local_files_only=local_files_only,
                                                 output_loading_info=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as err:  # missing files / bad id / wrong shapes, respectively
-        raise UserError(f'cannot load {model_cls.__name__} from {name_or_path!r} (not a complete local directory '
-                        f'nor a cached hub model, or a different architecture): {err}\n'
-                        f'To fix: {_how_to_get(hub_id)}.') from err
+        raise UserError(f'cannot load {model_cls.__name__} from {name_or_path!r} (not a complete model folder, or '
+                        f'a different architecture): {err}\n'
+                        f'To fix: {_how_to_get(hub_id, kind)}.') from err
     if info['missing_keys']:
         raise UserError(f'{name_or_path!r} holds no {model_cls.__name__} weights for {len(info["missing_keys"])} '
-                        f'parameters (first: {sorted(info["missing_keys"])[:3]}); {_how_to_get(hub_id)}.')
+                        f'parameters (first: {sorted(info["missing_keys"])[:3]}); {_how_to_get(hub_id, kind)}.')
     return model.eval().requires_grad_(False)
 
 
@@ -62,11 +64,11 @@ def _load_tokenizer(name_or_path, local_files_only, vocab_size):
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
     except (OSError, ValueError) as err:
         raise UserError(f'cannot load the CLIP tokenizer from {name_or_path!r}: {err}\n'
-                        f'To fix: {_how_to_get(TEXT_HUB_ID)}.') from err
+                        f'To fix: {_how_to_get(TEXT_HUB_ID, "clip_text")}.') from err
     # Offline, transformers returns a tokenizer holding only the special tokens instead of raising.
     if len(tokenizer) <= len(tokenizer.all_special_ids):
         raise UserError(f'the CLIP tokenizer loaded from {name_or_path!r} is empty ({len(tokenizer)} tokens): '
-                        f'vocab.json / merges.txt are missing there; {_how_to_get(TEXT_HUB_ID)}.')
+                        f'vocab.json / merges.txt are missing there; {_how_to_get(TEXT_HUB_ID, "clip_text")}.')
     if len(tokenizer) > vocab_size:
         raise UserError(f'the tokenizer in {name_or_path!r} has {len(tokenizer)} tokens but the text model only '
                         f'{vocab_size} embeddings: tokenizer and model come from different checkpoints.')
@@ -81,7 +83,8 @@ class CLIPTextEncoder(torch.nn.Module):
 
     def __init__(self, name_or_path=TEXT_HUB_ID, local_files_only=False, max_length=None, device='cpu'):
         super().__init__()
-        self.model = _load_model(CLIPTextModel, name_or_path, local_files_only, TEXT_HUB_ID)
+        name_or_path = hub.local_path(name_or_path, 'clip_text', local_files_only, 'CLIP text encoder')
+        self.model = _load_model(CLIPTextModel, name_or_path, local_files_only, TEXT_HUB_ID, 'clip_text')
         self.tokenizer = _load_tokenizer(name_or_path, local_files_only, self.model.config.vocab_size)
         context = self.model.config.max_position_embeddings
         if max_length is not None and not 0 < max_length <= context:
@@ -99,12 +102,14 @@ class CLIPTextEncoder(torch.nn.Module):
         return len(self.tokenizer(text, verbose=False).input_ids)
 
     def tokenize(self, texts):
-        """Prompts -> ids (B, max_length), truncated (with a warning) and padded with <|endoftext|>."""
+        """Prompts -> ids (B, max_length), truncated (one warning line per call) and padded with <|endoftext|>."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        for i, ids in enumerate(self.tokenizer(texts, verbose=False).input_ids):
-            if len(ids) > self.max_length:
-                logger.warning('CLIP prompt %d (%r) has %d tokens; truncating it to %d', i,
-                               texts[i][:60], len(ids), self.max_length)
+        lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False).input_ids]
+        long = [i for i, n in enumerate(lengths) if n > self.max_length]
+        if long:
+            worst = max(long, key=lengths.__getitem__)
+            logger.warning('%d of %d CLIP prompts truncated to %d tokens (longest: prompt %d, %d tokens, %r)',
+                           len(long), len(texts), self.max_length, worst, lengths[worst], texts[worst][:60])
         return self.tokenizer(texts, padding='max_length', truncation=True, max_length=self.max_length,
                               return_tensors='pt').input_ids
 
@@ -129,14 +134,11 @@ def _side(entry, default, square):
                     '({"shortest_edge": n}) and centre-crops a square ({"height": n, "width": n})')
 
 
-def _preprocessor_config(name_or_path):
-    """The saved image-processor settings of a local directory or a cached hub model ({} when absent)."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, PREPROCESSOR_CONFIG)
-    else:
-        path = try_to_load_from_cache(name_or_path, PREPROCESSOR_CONFIG)
-    if not isinstance(path, str) or not os.path.isfile(path):
-        logger.info('no %s for %r: using OpenAI CLIP preprocessing defaults', PREPROCESSOR_CONFIG, name_or_path)
+def _preprocessor_config(folder):
+    """The saved image-processor settings of a model folder ({} when absent)."""
+    path = os.path.join(folder, PREPROCESSOR_CONFIG)
+    if not os.path.isfile(path):
+        logger.info('no %s in %s: using OpenAI CLIP preprocessing defaults', PREPROCESSOR_CONFIG, folder)
         return {}
     with open(path) as f:
         return json.load(f)
@@ -147,7 +149,9 @@ class CLIPImageEncoder(torch.nn.Module):
 
     def __init__(self, name_or_path=IMAGE_HUB_ID, local_files_only=False, device='cpu'):
         super().__init__()
-        self.model = _load_model(CLIPVisionModelWithProjection, name_or_path, local_files_only, IMAGE_HUB_ID)
+        name_or_path = hub.local_path(name_or_path, 'clip_img', local_files_only, 'CLIP image encoder')
+        self.model = _load_model(CLIPVisionModelWithProjection, name_or_path, local_files_only, IMAGE_HUB_ID,
+                                 'clip_img')
         cfg = _preprocessor_config(name_or_path)
         image_size = self.model.config.image_size
         self.resize_to = _side(cfg.get('size'), image_size, square=False)

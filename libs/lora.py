@@ -48,11 +48,7 @@ def apply_lora(nnet: torch.nn.Module, lora_config) -> None:
     """Freeze the U-ViT, inject peft LoRA adapters into the target Linear layers, train the new parameters in full."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
-    rank, alpha, dropout = int(lora_config.rank), float(lora_config.alpha), float(lora_config.dropout)
-    targets = list(lora_config.target_modules)
-    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1 or not targets:
-        raise UserError(f'train.lora: rank={rank} must be >= 1, alpha={alpha} > 0, dropout={dropout} in [0, 1) '
-                        f'and target_modules={targets} not empty')
+    rank, targets = lora_config.rank, list(lora_config.target_modules)  # values checked in libs/config_check.py
     new = set(nnet.condition_parameters()) if getattr(nnet, 'condition', False) else set()
     linear = [n for n, m in nnet.named_modules() if isinstance(m, torch.nn.Linear)]
     matched = [n for n in linear if any(n == t or n.endswith('.' + t) for t in targets)]
@@ -66,8 +62,8 @@ def apply_lora(nnet: torch.nn.Module, lora_config) -> None:
         others = sorted(n for n in linear if not n.startswith(('in_blocks.', 'mid_block.', 'out_blocks.')))
         raise UserError(f'train.lora.target_modules {unmatched} match no Linear layer of the U-ViT; block layers '
                         f'are {suffixes}, other layers {others}')
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                       bias='none'), nnet, adapter_name=ADAPTER)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=lora_config.alpha, lora_dropout=lora_config.dropout,
+                                       target_modules=targets, bias='none'), nnet, adapter_name=ADAPTER)
     for name, p in nnet.named_parameters():  # peft froze everything but its adapters
         if name in new:
             p.requires_grad_(True)
@@ -75,7 +71,7 @@ def apply_lora(nnet: torch.nn.Module, lora_config) -> None:
     trained = sum(p.numel() for p in nnet.parameters() if p.requires_grad)
     total = sum(p.numel() for p in nnet.parameters())
     logger.info('LoRA rank %d, alpha %g on %d layers (%s): %.2fM of %.2fM parameters trained (adapters and the '
-                'new speaker-path parameters)', rank, alpha, n_layers, ', '.join(targets), trained / 1e6, total / 1e6)
+                'new speaker-path parameters)', rank, lora_config.alpha, n_layers, ', '.join(targets), trained / 1e6, total / 1e6)
 
 
 def adapter_keys(state_dict_keys) -> list:
@@ -97,12 +93,8 @@ def base_digest(config) -> Optional[str]:
     """SHA-256 of ``train.init_from`` for a LoRA run (its frozen weights are not in the checkpoints), else None."""
     if not enabled(config):
         return None
-    path = config.train.init_from
-    if not path:
-        raise UserError('train.lora.enabled needs train.init_from: LoRA adapts pretrained weights, and a frozen '
-                        'random network has nothing to adapt')
     digest = hashlib.sha256()
-    with open(path, 'rb') as f:
+    with open(config.train.init_from, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 24), b''):
             digest.update(chunk)
     return digest.hexdigest()

@@ -1,32 +1,104 @@
-"""Evaluation metrics for AvaMERG: corpus BLEU and Dist-n, emotion accuracy / macro-F1, and FID."""
+"""Evaluation metrics for AvaMERG: BLEU (sacreBLEU and the papers' sentence BLEU) and Dist-n, emotion accuracy /
+macro-F1, and FID.
+
+Two BLEU conventions, because results are compared against both:
+
+- ``corpus_bleu_n`` / ``sacrebleu_score``: sacreBLEU's corpus BLEU on the raw strings (its 13a tokeniser, mixed
+  case, exp smoothing); BLEU-n is sacreBLEU with ``max_ngram_order=n``, so BLEU-4 is sacreBLEU's standard score,
+  whose signature ``sacrebleu_score`` returns.
+- ``sentence_bleu_n``: the mean over pairs of nltk's ``sentence_bleu`` (uniform weights 1/n, ``method1``
+  smoothing) on ``tokenize``'s lower-cased nltk word tokens, the averaged BLEU-1..4 of empathetic-dialogue papers.
+  CEM's and CASE's public code computes no BLEU at all (their evaluate.py has Dist-1/2 only; the lower-cased nltk
+  tokens are their preprocessing), and papers differ in the smoothing, which they seldom state.
+"""
+import functools
 import logging
-import math
 import os
-import re
+import unicodedata
 import warnings
 from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from scipy import linalg
 
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Lower-cased runs of word characters or of punctuation: the same split as nltk's `wordpunct_tokenize`, needs no data
-# files, and makes "sorry!" and "sorry ." share the token "sorry".
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]+")
 INCEPTION_POOL_DIM = 2048  # the standard FID feature: Inception-v3's final average pool
 INCEPTION_TORCHSCRIPT = 'inception-2015-12-05.pt'  # NVlabs / clean-fid TorchScript export of the TF FID network
 FID_EPS = 1e-6  # diagonal offset used by the reference FID code when sigma1 @ sigma2 is singular
 
 
 # ---------------------------------------------------------------- text ----------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _nltk_tokenizers():
+    """nltk's sentence splitter (Punkt with its default parameters) and word_tokenize's word tokenizer."""
+    from nltk.tokenize import NLTKWordTokenizer, PunktSentenceTokenizer
+    return PunktSentenceTokenizer(), NLTKWordTokenizer()
+
+
 def tokenize(text):
-    """Lower-case `text` and split it into word and punctuation tokens (`_TOKEN_RE`)."""
-    return _TOKEN_RE.findall(text.lower())
+    """Lower-cased nltk word tokens of `text`: ``nltk.word_tokenize(text.lower())`` without its punkt data file.
+
+    CEM and CASE lower-case and ``nltk.word_tokenize`` their texts. word_tokenize splits sentences with the trained
+    English Punkt model (the punkt_tab data file, which cannot be assumed offline), then tokenizes each sentence
+    with NLTKWordTokenizer; here sentences are split by Punkt with its default parameters instead. Both break at
+    '.', '?' and '!' before a space; they differ only where the trained model knows an abbreviation ("dr. smith"
+    stays one sentence there, so its "dr." is one token where this gives "dr" "."). Control and other non-printing
+    characters (which a random or barely trained caption decoder emits) are treated as spaces: nltk would keep
+    runs of them as tokens, inflating Dist-n with n-grams nobody can read.
+    """
+    text = ''.join(' ' if unicodedata.category(c)[0] == 'C' else c for c in text.lower())
+    sentences, words = _nltk_tokenizers()
+    return [token for sentence in sentences.tokenize(text) for token in words.tokenize(sentence)]
+
+
+def _check_pairs(hypotheses, references):
+    """Raise ValueError unless there are as many references as hypotheses, and at least one of each."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} references')
+    if not hypotheses:
+        raise ValueError('BLEU of an empty corpus')
+
+
+def corpus_bleu_n(hypotheses, references, max_n=4):
+    """sacreBLEU corpus BLEU-1..max_n in [0, 100] of the raw strings, one reference per hypothesis.
+
+    BLEU-n is sacreBLEU's BLEU with ``max_ngram_order=n`` (13a tokeniser, mixed case, exp smoothing): the brevity
+    penalty times the geometric mean of the corpus n-gram precisions p_1..p_n. BLEU-4 is sacreBLEU's standard score.
+    """
+    from sacrebleu.metrics import BLEU
+    _check_pairs(hypotheses, references)
+    hyps, refs = list(hypotheses), [list(references)]
+    return {f'bleu{n}': BLEU(max_ngram_order=n).corpus_score(hyps, refs).score for n in range(1, max_n + 1)}
+
+
+def sacrebleu_score(hypotheses, references):
+    """sacreBLEU's standard corpus BLEU (13a tokeniser, mixed case, exp smoothing) and its signature string."""
+    from sacrebleu.metrics import BLEU
+    _check_pairs(hypotheses, references)
+    bleu = BLEU()
+    score = bleu.corpus_score(list(hypotheses), [list(references)])
+    return {'score': score.score, 'signature': str(bleu.get_signature())}
+
+
+def sentence_bleu_n(hypotheses, references, max_n=4):
+    """Sentence BLEU-1..max_n in [0, 100] averaged over the pairs, on `tokenize`'s tokens (the papers' BLEU).
+
+    Per pair nltk's ``sentence_bleu([reference], hypothesis)`` with weights (1/n, ..., 1/n) and
+    ``SmoothingFunction().method1`` (a zero n-gram count becomes 0.1, so one missing 4-gram does not zero a short
+    reply); an empty hypothesis scores 0. The mean is over pairs, so short replies weigh as much as long ones.
+    """
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    _check_pairs(hypotheses, references)
+    weights = [(1 / n,) * n for n in range(1, max_n + 1)]
+    smoothing = SmoothingFunction().method1
+    total = np.zeros(max_n)
+    for hyp, ref in zip(hypotheses, references):
+        total += sentence_bleu([tokenize(ref)], tokenize(hyp), weights=weights, smoothing_function=smoothing)
+    return {f'bleu{n}': 100.0 * float(total[n - 1]) / len(hypotheses) for n in range(1, max_n + 1)}
 
 
 def _ngrams(tokens, n):
@@ -34,49 +106,11 @@ def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def corpus_bleu_n(hypotheses, references, max_n=4):
-    """Corpus BLEU-1..max_n in [0, 100], one reference per hypothesis, tokenised with `tokenize`.
-
-    Papineni et al.: clipped n-gram matches and candidate n-gram counts are summed over the corpus before dividing;
-    BLEU-k is the brevity penalty times the geometric mean of p_1..p_k (uniform weights); no smoothing, so a zero
-    precision gives 0.
-    """
-    if len(hypotheses) != len(references):
-        raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} references')
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references):
-        hyp, ref = tokenize(hyp), tokenize(ref)
-        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
-        for n in range(1, max_n + 1):
-            h, r = _ngrams(hyp, n), _ngrams(ref, n)
-            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
-            totals[n - 1] += sum(h.values())
-    bp = 0.0 if hyp_len == 0 else min(1.0, math.exp(1 - ref_len / hyp_len))
-    scores, log_sum = {}, 0.0
-    for n in range(1, max_n + 1):
-        if matches[n - 1] == 0:
-            log_sum = -math.inf
-        else:
-            log_sum += math.log(matches[n - 1] / totals[n - 1])
-        scores[f'bleu{n}'] = 100.0 * bp * math.exp(log_sum / n)
-    return scores
-
-
-def sacrebleu_score(hypotheses, references):
-    """sacreBLEU's standard corpus BLEU (13a tokeniser, mixed case, exp smoothing) and its signature string."""
-    from sacrebleu.metrics import BLEU
-
-    bleu = BLEU()
-    score = bleu.corpus_score(list(hypotheses), [list(references)])
-    return {'score': score.score, 'signature': str(bleu.get_signature())}
-
-
 def distinct_n(texts, n):
-    """Dist-n (Li et al., 2016) as the AvaMERG challenge reports it: distinct n-grams / all n-grams, x100.
+    """Dist-n (Li et al., 2016): distinct n-grams / all n-grams of the corpus, x100, on `tokenize`'s tokens.
 
-    Counted over the whole corpus (n-grams never cross sentence boundaries), tokens from `tokenize`; 0 if the corpus
-    has no n-gram.
+    Counted over the whole corpus as CEM's and CASE's evaluate.py count it (n-grams never cross sentence
+    boundaries); 0 if the corpus has no n-gram.
     """
     grams = Counter()
     for text in texts:
@@ -86,17 +120,27 @@ def distinct_n(texts, n):
 
 
 # ---------------------------------------------------------------- emotion -------------------------------------------
-def confusion_matrix(pred, gold, num_classes, ignore_index=-1):
-    """(num_classes, num_classes) int64 counts, rows = gold, columns = predicted; gold == ignore_index is skipped."""
-    pred, gold = torch.as_tensor(pred).long().flatten().cpu(), torch.as_tensor(gold).long().flatten().cpu()
+def _labelled(pred, gold, num_classes, ignore_index):
+    """Flat int64 numpy (pred, gold) of the samples whose gold label is not ignore_index, range-checked."""
+    pred, gold = (np.asarray(torch.as_tensor(x).long().flatten().cpu()) for x in (pred, gold))
     if pred.shape != gold.shape:
-        raise ValueError(f'pred has {pred.numel()} labels but gold has {gold.numel()}')
+        raise ValueError(f'pred has {pred.size} labels but gold has {gold.size}')
     keep = gold != ignore_index
     pred, gold = pred[keep], gold[keep]
+    # sklearn would silently drop labels outside `labels=`; a label out of range is a bug upstream, so say so.
     for name, x in (('pred', pred), ('gold', gold)):
-        if x.numel() and (x.min() < 0 or x.max() >= num_classes):
+        if x.size and (x.min() < 0 or x.max() >= num_classes):
             raise ValueError(f'{name} labels must lie in [0, {num_classes}) (or be {ignore_index} in gold)')
-    return torch.bincount(gold * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    return pred, gold
+
+
+def confusion_matrix(pred, gold, num_classes, ignore_index=-1):
+    """(num_classes, num_classes) int64 counts, rows = gold, columns = predicted; gold == ignore_index is skipped."""
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+    pred, gold = _labelled(pred, gold, num_classes, ignore_index)
+    if not gold.size:  # sklearn refuses empty input; no labelled sample is an all-zero matrix
+        return torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    return torch.from_numpy(sk_confusion_matrix(gold, pred, labels=np.arange(num_classes)).astype(np.int64))
 
 
 def accuracy(pred, gold, ignore_index=-1):
@@ -107,19 +151,18 @@ def accuracy(pred, gold, ignore_index=-1):
 
 
 def macro_f1(pred, gold, num_classes, ignore_index=-1):
-    """Macro-F1 in [0, 1] over the classes present in gold or pred of the labelled samples.
+    """Macro-F1 in [0, 1] over the classes present in gold or pred of the labelled samples; nan if none is labelled.
 
-    Equals sklearn's `f1_score(gold, pred, average='macro', labels=present)`: a class that is never predicted (or
-    never true) gets F1 = 0 and still counts; classes absent from both are left out rather than counted as 0 or 1,
-    so the score does not depend on how many unused classes the label set has.
+    sklearn's `f1_score(gold, pred, average='macro', labels=present, zero_division=0)`: a class that is never
+    predicted (or never true) gets F1 = 0 and still counts; classes absent from both are left out rather than counted
+    as 0 or 1, so the score does not depend on how many unused classes the label set has.
     """
-    cm = confusion_matrix(pred, gold, num_classes, ignore_index).double()
-    tp, gold_count, pred_count = cm.diag(), cm.sum(1), cm.sum(0)
-    present = (gold_count + pred_count) > 0
-    if not present.any():
+    from sklearn.metrics import f1_score
+    pred, gold = _labelled(pred, gold, num_classes, ignore_index)
+    if not gold.size:
         return float('nan')
-    # 2PR / (P + R) written with counts: 2TP / (2TP + FP + FN) = 2TP / (#gold + #pred), zero when TP is zero.
-    return (2 * tp[present] / (gold_count[present] + pred_count[present])).mean().item()
+    present = np.union1d(gold, pred)
+    return float(f1_score(gold, pred, labels=present, average='macro', zero_division=0))
 
 
 def emotion_report(pred, gold, fine_to_coarse, ignore_index=-1):
@@ -136,42 +179,6 @@ def emotion_report(pred, gold, fine_to_coarse, ignore_index=-1):
         'coarse_acc': accuracy(coarse_pred, coarse_gold),
         'coarse_macro_f1': macro_f1(coarse_pred, coarse_gold, num_coarse),
     }
-
-
-def plot_confusion_png(matrix, labels, path, cell=28):
-    """Write a confusion-matrix heat map (rows gold, columns predicted; colour = row-normalised share) as PNG."""
-    m = torch.as_tensor(matrix).double()
-    k = len(labels)
-    if m.shape != (k, k):
-        raise ValueError(f'matrix of shape {tuple(m.shape)} does not match {k} labels')
-    # Row-normalised colours: with skewed labels raw counts would leave every rare class white.
-    share = m / m.sum(1, keepdim=True).clamp(min=1)
-    font = ImageFont.load_default(size=max(cell // 2, 8))
-    small = ImageFont.load_default(size=max(cell // 3, 6))
-    label_w = max(int(font.getlength(s)) for s in labels) + cell // 2
-    left, top = label_w + cell, label_w + cell  # room for the labels plus the axis titles
-    img = Image.new('RGB', (left + k * cell + cell // 2, top + k * cell + cell // 2), 'white')
-    draw = ImageDraw.Draw(img)
-    for i in range(k):
-        for j in range(k):
-            v = float(share[i, j])
-            colour = tuple(int(round(255 + v * (c - 255))) for c in (8, 48, 107))  # white -> dark blue
-            x, y = left + j * cell, top + i * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(220, 220, 220))
-            if m[i, j] > 0:
-                draw.text((x + cell // 2, y + cell // 2), str(int(m[i, j])), anchor='mm', font=small,
-                          fill='white' if v > 0.5 else 'black')
-        draw.text((left - cell // 4, top + i * cell + cell // 2), labels[i], anchor='rm', font=font, fill='black')
-    # Column labels: drawn left-aligned on a horizontal strip, turned 90 degrees counter-clockwise so that each one
-    # starts at the grid and reads upwards (row j of the strip becomes column j).
-    strip = Image.new('RGB', (label_w, k * cell), 'white')
-    strip_draw = ImageDraw.Draw(strip)
-    for j, name in enumerate(labels):
-        strip_draw.text((cell // 4, j * cell + cell // 2), name, anchor='lm', font=font, fill='black')
-    img.paste(strip.rotate(90, expand=True), (left, cell))
-    draw.text((left + k * cell // 2, cell // 2), 'predicted', anchor='mm', font=font, fill='black')
-    draw.text((cell // 2, top - cell // 2), 'gold', anchor='lm', font=font, fill='black')
-    img.save(path, format='PNG')
 
 
 # ---------------------------------------------------------------- FID -----------------------------------------------

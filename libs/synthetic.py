@@ -1,4 +1,4 @@
-"""A synthetic AvaMERG in the real layout: procedural faces whose expressions follow the dialogue's emotions.
+"""A synthetic AvaMERG in the release's layouts (LAYOUTS): procedural faces whose expressions follow the emotions.
 
 Ground truth the demo can learn and check: the speaker's face shows the coarse class of the speaker emotion
 (SPEAKER_EXPRESSION), the listener's face shows the empathetic reaction RESPONSE_EXPRESSION[coarse], and the
@@ -28,6 +28,23 @@ AGES, GENDERS, TIMBRES = ('child', 'young', 'middle-aged', 'elderly'), ('male', 
 TOPICS = ('Relationships', 'Education', 'Hobbies & Interests', 'Work & Career', 'Personal Growth', 'Sports',
           'Food & Cooking', 'Health & Wellness', 'Social Issues', 'Life Events', 'Family', 'Technology',
           'Entertainment', 'Travel & Adventure')
+# Where each layout puts the frames and videos of each split, relative to the output folder; the JSON files are
+# always train.json and test/test.json. 'flat': the media folders beside each JSON; 'release': the test media in
+# test/test_image and test/test_video (as users unpack the release); 'per_modality': per-modality archives unpacked
+# in place (train_video/video_v5_0, test/test_video/video_v5_0); 'frames_release': frames only, every split in
+# one image_v5_0/ (how the AvaMERG_frame uploader's code reads them).
+LAYOUTS = {
+    'flat': {'train': {'frames': 'image_v5_0', 'videos': 'video_v5_0'},
+             'test': {'frames': 'test/image_v5_0', 'videos': 'test/video_v5_0'}},
+    'release': {'train': {'frames': 'image_v5_0', 'videos': 'video_v5_0'},
+                'test': {'frames': 'test/test_image', 'videos': 'test/test_video'}},
+    'per_modality': {'train': {'frames': 'train_image/image_v5_0', 'videos': 'train_video/video_v5_0'},
+                     'test': {'frames': 'test/test_image/image_v5_0', 'videos': 'test/test_video/video_v5_0'}},
+    'frames_release': {'train': {'frames': 'image_v5_0', 'videos': None},
+                       'test': {'frames': 'image_v5_0', 'videos': None}},
+}
+TEST_GOLD, TEST_IDS = ('inline', 'none', 'separate'), ('restart', 'train')
+GOLD_FILE = 'test/test_gold.json'  # the separate gold of test_gold='separate'
 MAX_AVATAR_ID, MAX_TURNS, FPS, CLIP_FRAMES = 99, 3, 25, (8, 12)
 P_SAME_EMOTION, P_UNKNOWN_WORD, P_FREE_FORM = 0.5, 0.08, 0.3   # later turns only
 
@@ -235,13 +252,30 @@ def make_dialogue(cid, rng, listeners=()):
     return dialogue, faces
 
 
-def write_split(folder, json_name, ids, seed, split, frames=True, videos=False, size=256, listeners=()):
-    """Write one split's JSON and its faces (image_v5_0/*.png and/or video_v5_0/*.mp4) under `folder`."""
+def _strip_gold(dialogue):
+    """A copy of a dialogue without its gold: no response and no chain_of_empathy in any turn."""
+    turns = [{k: v for k, v in turn.items() if k not in ('response', 'chain_of_empathy')} for turn in dialogue['turns']]
+    return {**dialogue, 'turns': turns}
+
+
+def _write_json(path, obj):
+    """Write a JSON document (indented) to path, creating its folder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_split(out, ids, seed, split, frames_dir, videos_dir, size=256, listeners=(), written=None):
+    """Draw one split's dialogues and write their faces as frames_dir/<stem>.png and/or videos_dir/<stem>.mp4.
+
+    Folders are relative to `out`; None writes no such files. `written` (a set of paths) catches a stem that two
+    splits would write into one shared folder. Returns the dialogues (the caller writes the JSON).
+    """
+    folders = {kind: os.path.join(out, d) for kind, d in (('frames', frames_dir), ('videos', videos_dir)) if d}
+    for folder in folders.values():
+        os.makedirs(folder, exist_ok=True)
+    written = set() if written is None else written
     dialogues = []
-    os.makedirs(folder, exist_ok=True)
-    for kind, wanted in (('image_v5_0', frames), ('video_v5_0', videos)):
-        if wanted:
-            os.makedirs(os.path.join(folder, kind), exist_ok=True)
     for position, cid in enumerate(tqdm(ids, desc=f'synthetic {split}', unit='dialogue', dynamic_ncols=True)):
         # One generator per dialogue (seeded by a string, which Python hashes stably) keeps files reproducible.
         rng = random.Random(f'{seed}/{split}/{position}')
@@ -250,25 +284,51 @@ def write_split(folder, json_name, ids, seed, split, frames=True, videos=False, 
         for stem, avatar_id, expression in faces:
             # Draw the clip length even without videos so that the faces do not depend on the flags.
             face, n_frames = render_face(avatar_id, expression, size, rng), rng.randint(*CLIP_FRAMES)
-            if frames:
+            paths = {kind: os.path.join(folder, stem + ('.png' if kind == 'frames' else '.mp4'))
+                     for kind, folder in folders.items()}
+            if written & set(paths.values()):
+                raise ValueError(f'{split} stem {stem} is already written into a folder it shares with another '
+                                 'split; use another layout or other conversation ids')
+            written |= set(paths.values())
+            if 'frames' in paths:
                 # Fast deflate: these flat drawings compress well anyway and the generator stays quick.
-                face.save(os.path.join(folder, 'image_v5_0', stem + '.png'), compress_level=1)
-            if videos:
-                write_clip(os.path.join(folder, 'video_v5_0', stem + '.mp4'),
-                           _clip(face, n_frames, size), FPS)
-    with open(os.path.join(folder, json_name), 'w', encoding='utf-8') as f:
-        json.dump(dialogues, f, indent=2)
+                face.save(paths['frames'], compress_level=1)
+            if 'videos' in paths:
+                write_clip(paths['videos'], _clip(face, n_frames, size), FPS)
     return dialogues
 
 
-def make_dataset(out, seed, dialogues, test_dialogues=0, frames=True, videos=False, size=256, listeners=()):
-    """Write train.json (+ media) and test/test.json (+ media under test/) into `out`; returns the dialogues.
+def make_dataset(out, seed, dialogues, test_dialogues=0, frames=True, videos=False, size=256, listeners=(),
+                 layout='flat', test_gold='inline', test_ids='restart'):
+    """Write train.json and test/test.json with faces in one of LAYOUTS into `out`; returns the dialogues (with gold).
 
     `listeners` restricts the listener to these avatar IDs (the demo's one empathetic agent); speakers vary.
+    `test_gold`: 'inline' (test.json has the gold), 'none' (test.json without responses and chain_of_empathy) or
+    'separate' (that, plus the gold in GOLD_FILE). `test_ids`: 'restart' (00001, 00002, ... as in the release) or
+    'train' (the first train IDs again, so that every test ID is also a train ID).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout={layout!r}; choose one of {tuple(LAYOUTS)}')
+    if test_gold not in TEST_GOLD:
+        raise ValueError(f'test_gold={test_gold!r}; choose one of {TEST_GOLD}')
+    if test_ids not in TEST_IDS:
+        raise ValueError(f'test_ids={test_ids!r}; choose one of {TEST_IDS}')
+    if videos and not all(d['videos'] for d in LAYOUTS[layout].values()):
+        raise ValueError(f'layout {layout!r} holds frames only; pass videos=False')
+    dirs = {split: (d['frames'] if frames else None, d['videos'] if videos else None)
+            for split, d in LAYOUTS[layout].items()}
     # Train IDs are scattered 5-digit strings like the release's; test IDs count up from 00001 as in the release.
     train_ids = [f'{i:05d}' for i in random.Random(f'{seed}/ids').sample(range(1, 10 ** 5), dialogues)]
-    test_ids = [f'{i:05d}' for i in range(1, test_dialogues + 1)]
-    return {'train': write_split(out, 'train.json', train_ids, seed, 'train', frames, videos, size, listeners),
-            'test': write_split(os.path.join(out, 'test'), 'test.json', test_ids, seed, 'test', frames, videos, size,
-                                listeners)}
+    if test_ids == 'train' and test_dialogues > dialogues:
+        raise ValueError(f"test_ids='train' needs test_dialogues <= dialogues, got {test_dialogues} > {dialogues}")
+    test_ids = train_ids[:test_dialogues] if test_ids == 'train' else [f'{i:05d}' for i in
+                                                                         range(1, test_dialogues + 1)]
+    written = set()
+    splits = {split: write_split(out, ids, seed, split, *dirs[split], size, listeners, written)
+              for split, ids in (('train', train_ids), ('test', test_ids))}
+    _write_json(os.path.join(out, 'train.json'), splits['train'])
+    test = splits['test'] if test_gold == 'inline' else [_strip_gold(d) for d in splits['test']]
+    _write_json(os.path.join(out, 'test', 'test.json'), test)
+    if test_gold == 'separate':
+        _write_json(os.path.join(out, GOLD_FILE), splits['test'])
+    return splits

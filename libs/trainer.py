@@ -6,13 +6,15 @@ the global batch is split over processes and accumulation steps, which makes mul
 single process and makes resuming exact.
 """
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from typing import Dict, List, Optional, Sequence
+import zipfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,10 +26,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from libs import lora
 from libs.avamerg import COARSE_7, EMOTIONS_32, FINE_TO_COARSE
+from libs.config_check import flatten
 from libs.diffusion import modality_losses
 from libs.distributed import full_tensor
 from libs.errors import UserError
-from libs.features import derive_seed
+from libs.features import TENSOR_DTYPES, derive_seed, nonfinite_rows, pair_id
 from libs.io import atomic_write_json
 from libs.uvit import NETS, build_nnet, checkpoint_config, load_nnet_weights
 
@@ -40,8 +43,9 @@ LOSS_TERMS = ('img', 'clip', 'text', 'emotion')
 LOGVAR_RANGE = (-30., 20.)  # LDM's posterior clamps log-variance to this range before sampling
 
 
-class TrainingDiverged(RuntimeError):
-    """Raised after too many consecutive non-finite steps."""
+class TrainingDiverged(UserError):
+    """Raised after too many consecutive non-finite steps (libs.cli exits with DIVERGED_EXIT_CODE)."""
+    exit_code = DIVERGED_EXIT_CODE
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,6 +155,35 @@ def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config
     losses['emotion'] = F.cross_entropy(logits.float(), batch['label'], ignore_index=-1, reduction='none')
     losses['loss'] = losses['loss'] + config.train.emotion_weight * losses['emotion']
     return losses, logits
+
+
+FEATURE_KEYS = tuple(k for k, dtype in TENSOR_DTYPES.items() if dtype.is_floating_point)
+
+
+def guard_record(batch: dict, loss: torch.Tensor) -> tuple:
+    """(pair ids, per-pair loss, per-pair finite features) of a micro-batch, kept for the non-finite guard."""
+    ids = [pair_id(*p) for p in zip(batch['split'], batch['conversation_id'], batch['turn_id'])]
+    return ids, loss.detach(), ~nonfinite_rows({k: batch[k] for k in FEATURE_KEYS})
+
+
+def nonfinite_feature_count(records: Sequence[tuple]) -> torch.Tensor:
+    """How many pairs of a step's guard records have a non-finite feature, as a tensor (no device sync)."""
+    return sum((~finite).sum() for _, _, finite in records)
+
+
+def nonfinite_pairs(records: Sequence[tuple], accelerator) -> Tuple[List[str], List[str]]:
+    """(pairs with non-finite features, other pairs with a non-finite loss) of a step's guard records, all processes."""
+    features, losses = [], []
+    for ids, loss, finite in records:
+        for pair, loss_ok, features_ok in zip(ids, torch.isfinite(loss).tolist(), finite.tolist()):
+            if not features_ok:
+                features.append(pair)
+            elif not loss_ok:
+                losses.append(pair)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        features, losses = gather_object(features), gather_object(losses)
+    return features, losses
 
 
 def to_device(batch: dict, device) -> dict:
@@ -356,6 +389,128 @@ def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
         logger.warning('%s was written by %d processes, this run has %d: global RNG streams restart (the data '
                        'order and all per-pair randomness still continue exactly)', path, state['num_processes'],
                        accelerator.num_processes)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming honestly: the newest checkpoint that loads, the settings the run started with
+# ----------------------------------------------------------------------------------------------------------------
+
+# Settings a run keeps from its first step to its last: they fix the network, the objective and the data stream that
+# a checkpoint's weights, optimizer state and stream position belong to, so a resume that changes one is refused.
+# Every other key may change and is applied: optimizer.* (the restored optimizer and scheduler take the new values),
+# train.n_steps, the log/val/ckpt/sample intervals, keep_last, grad_clip, max_nonfinite, data loading, trackers,
+# mixed precision, the number of processes.
+FIXED_SETTINGS = ('nnet', 'z_shape', 'clip_img_dim', 'clip_text_dim', 'text_dim', 'num_text_tokens', 'data_type',
+                  'seed', 'autoencoder.scale_factor', 'caption_decoder.pretrained_path', 'data.train', 'data.val',
+                  'data.shuffle_window', 'train.batch_size', 'train.grad_accum', 'train.p_drop_face',
+                  'train.p_drop_text', 'train.p_drop_both', 'train.emotion_weight', 'train.loss_weighting',
+                  'train.ema_rate', 'train.val_pairs', 'train.lora', 'optimizer.eight_bit')
+# Activation checkpointing trades memory for time and changes nothing; LoRA's learning rate is a learning rate.
+FREE_WITHIN_FIXED = ('nnet.use_checkpoint', 'train.lora.lr')
+
+
+def features_digest(manifest: dict) -> str:
+    """sha256 of a feature cache's manifest: the cache a run trains on, recorded in its checkpoints."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def is_fixed(key: str) -> bool:
+    """Whether a flattened config key is one of FIXED_SETTINGS."""
+    return key not in FREE_WITHIN_FIXED and any(key == k or key.startswith(k + '.') for k in FIXED_SETTINGS)
+
+
+def changed_settings(before: dict, now: dict) -> Tuple[List[str], List[str]]:
+    """('key: old -> new' of the changed fixed settings, the same of the other changed keys) between two configs."""
+    before, now = flatten(before), flatten(now)
+    changes = [(k, f'{k}: {before[k]!r} -> {now[k]!r}') for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+    return [c for k, c in changes if is_fixed(k)], [c for k, c in changes if not is_fixed(k)]
+
+
+def checkpoint_problem(path: str, process_index: int) -> Optional[str]:
+    """Why a checkpoint folder cannot be loaded (a cut, emptied or unreadable file), or None; reads headers only."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+            if not isinstance(json.load(f), dict):
+                return 'config.json is not a config'
+        for name in ('nnet.safetensors', 'nnet_ema.safetensors'):
+            with safe_open(os.path.join(path, name), 'pt') as f:
+                f.keys()
+        for name in ('training_state.pt', f'rng-{process_index}.pt'):
+            if os.path.isfile(os.path.join(path, name)):  # torch.save writes a zip: a cut file lacks its directory
+                zipfile.ZipFile(os.path.join(path, name)).close()
+    except Exception as err:  # whatever the damage, the checkpoint is skipped and the reason logged
+        return f'{type(err).__name__}: {err}'
+    return None
+
+
+def newest_loadable_checkpoint(run_dir: str, accelerator) -> Optional[str]:
+    """The newest complete checkpoint every process can read; each broken one is logged and skipped."""
+    from accelerate.utils import gather_object
+    steps = checkpoints(run_dir)
+    for step in reversed(steps):
+        path = os.path.join(run_dir, 'ckpts', f'{step}.ckpt')
+        problem = checkpoint_problem(path, accelerator.process_index)
+        problems = [p for p in (gather_object([problem]) if accelerator.num_processes > 1 else [problem]) if p]
+        if not problems:
+            return path
+        logger.warning('skipping checkpoint %s, it does not load: %s', path, problems[0])
+    if steps:
+        raise UserError(f'no checkpoint of {run_dir} loads (see the warnings above): move {run_dir}/ckpts away to '
+                        'start the run over, or choose another config.name')
+    return None
+
+
+def apply_free_settings(optimizer, scheduler, fresh_groups: List[dict]) -> None:
+    """Give a restored optimizer and scheduler this run's hyperparameters (lr, betas, weight decay, ...)."""
+    groups = getattr(optimizer, 'optimizer', optimizer).param_groups
+    for group, fresh in zip(groups, fresh_groups):
+        group.update(fresh)
+    scheduler.base_lrs = [group['initial_lr'] for group in groups]
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group['lr'] = base * factor(scheduler.last_epoch)
+
+
+def check_resumable(run_dir: str, config) -> None:
+    """Refuse, before anything is built, to resume a run with changed FIXED_SETTINGS (naming them); log the others.
+
+    Every checkpoint of a run has the same fixed settings: the newest one whose config.json reads is compared.
+    """
+    for step in reversed(checkpoints(run_dir)):
+        try:
+            with open(os.path.join(run_dir, 'ckpts', f'{step}.ckpt', 'config.json'), encoding='utf-8') as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            continue
+        fixed, free = changed_settings(before, json.loads(config.to_json()))
+        if fixed:
+            raise UserError(f'cannot resume {run_dir} (checkpoint {step}): settings that cannot change during a run '
+                            f'differ ({"; ".join(fixed)}). Set them back, or start a new run with another config.name')
+        if free:
+            logger.info('resuming with changed settings (applied): %s', '; '.join(free))
+        return
+
+
+def resume(run_dir, config, accelerator, nnet, ema, optimizer, scheduler, digest: str) -> Optional[dict]:
+    """Restore the newest checkpoint that loads and return its state (None without one).
+
+    The optimizer and scheduler restored from the checkpoint take this run's hyperparameters (learning rate, betas,
+    weight decay, warm-up); a change of the training features is refused (``check_resumable`` has compared the
+    other settings).
+    """
+    path = newest_loadable_checkpoint(run_dir, accelerator)
+    if path is None:
+        return None
+    fresh = [{k: v for k, v in g.items() if k != 'params'} for g in getattr(optimizer, 'optimizer', optimizer)
+             .param_groups]
+    state = load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler)
+    if state.get('train_features', digest) != digest:
+        raise UserError(f'cannot resume {run_dir}: the training features in {config.data.train} changed since '
+                        f'{path} was written (re-extracted?). Restore them, or start a new run with another '
+                        'config.name')
+    state.setdefault('train_features', digest)  # checkpoints written before features were recorded
+    apply_free_settings(optimizer, scheduler, fresh)
     return state
 
 

@@ -354,8 +354,9 @@ def is_condition_key(name: str) -> bool:
     return name.startswith(CONDITION_KEYS) or name.endswith(GATE_KEY)
 
 
-NNET_HINT = ('Get uvit_v1.pth (or uvit_v0.pth) from the Hugging Face repo thu-ml/unidiffuser-v1 (-v0) into models/, '
-             'or pass --nnet_path with a checkpoint exported by train_empath.py.')
+NNET_HINT = ('A fine-tuned network is a file train_empath.py exported: <workdir>/<name>/ckpts/<step>.ckpt/'
+             'nnet_ema.safetensors. The official weights are hf://thu-ml/unidiffuser-v1/uvit_v1.pth (v0: '
+             'hf://thu-ml/unidiffuser-v0/uvit_v0.pth), fetched into the Hugging Face cache when named so.')
 
 
 def checkpoint_config(path: str) -> Optional[dict]:

@@ -17,7 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'configs')]
 
 import torch  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from libs import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('size', 'tiny', ['tiny', 'full'], 'tiny test components or the full 952M U-ViT')
@@ -146,4 +148,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)

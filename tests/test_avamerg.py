@@ -1,5 +1,6 @@
 """AvaMERG reader, labels, middle-frame extraction and the synthetic generator, checked against the JSON itself."""
 import collections
+import hashlib
 import json
 import os
 import random
@@ -12,11 +13,12 @@ import pytest
 from PIL import Image
 
 from libs import avamerg
-from libs.avamerg import (COARSE_7, EMOTIONS_32, FINE_TO_COARSE, FREE_FORM_TO_FINE, AvaMERG, coarse_index, iter_pairs,
-                          label_index, media_stem, parse_stem, read_dialogues, truncate_left)
+from libs.avamerg import (COARSE_7, EMOTIONS_32, FINE_TO_COARSE, FREE_FORM_TO_FINE, MEDIA_DIRS, AvaMERG, cache_folder,
+                          coarse_index, is_validation, iter_pairs, label_index, media_stem, parse_stem, read_dialogues,
+                          truncate_left)
 from libs.errors import UserError
-from libs.synthetic import (EXPRESSIONS, RESPONSE_EXPRESSION, RESPONSES, UNKNOWN_WORDS, expression_of, make_dataset,
-                            render_face)
+from libs.synthetic import (EXPRESSIONS, GOLD_FILE, LAYOUTS, RESPONSE_EXPRESSION, RESPONSES, UNKNOWN_WORDS,
+                            expression_of, make_dataset, render_face)
 from libs.video_frames import VideoError, middle_frame, write_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,10 +95,11 @@ def test_stems_parse_with_any_number_of_digits():
 def test_reader_matches_json(synthetic):
     root, splits = synthetic
     for split, folder in (('train', root), ('test', os.path.join(root, 'test'))):
-        data = AvaMERG(root, split)
+        data = AvaMERG(root, split, val_fraction=0)
         with open(os.path.join(folder, f'{split}.json')) as f:
             raw = json.load(f)
-        assert data.frame_root == os.path.join(folder, 'image_v5_0')
+        assert {os.path.dirname(data.media.frames[p.speaker_stem]) for p in data.pairs} == {
+            os.path.join(folder, 'image_v5_0')}
         assert len(data) == sum(len(d['turns']) for d in raw) and not data.skipped
         expected = []
         for d in raw:
@@ -124,7 +127,7 @@ def test_reader_matches_json(synthetic):
 
 def test_summary_counts_and_atomic_save(synthetic, tmp_path):
     root, splits = synthetic
-    data = AvaMERG(root, 'train')
+    data = AvaMERG(root, 'train', val_fraction=0)
     words = [t['chain_of_empathy']['speaker_emotion'] for d in splits['train'] for t in d['turns']]
     summary = data.summary()
     assert summary['pairs'] == len(words)
@@ -139,7 +142,7 @@ def test_summary_counts_and_atomic_save(synthetic, tmp_path):
 def test_indices_from_ten_and_unknown_words(tmp_path):
     emotions = ['anxious', 'Frustrated ', 'tired', 'bananas', 'tired', 'jealous']  # 6 turns: indices 0..11
     _write(str(tmp_path), [_dialogue('12345', emotions)])
-    data = AvaMERG(str(tmp_path))
+    data = AvaMERG(str(tmp_path), val_fraction=0)
     last = data.pairs[-1]
     assert (last.speaker_stem, last.response_stem) == ('dia12345utt10_7', 'dia12345utt11_8')
     assert parse_stem(last.speaker_stem) == ('12345', 10, 7) and parse_stem(last.response_stem)[1] == 11
@@ -151,11 +154,11 @@ def test_indices_from_ten_and_unknown_words(tmp_path):
 def test_history_truncated_from_the_left():
     dialogue = _dialogue('00042', ['sad', 'sad', 'sad'])  # utterance i has i + 2 words
     history = [h['utterance'] for h in dialogue['turns'][2]['dialogue_history']]
-    pairs = list(iter_pairs([dialogue], speaker_text='history'))
+    pairs = list(iter_pairs([dialogue], 'train', speaker_text='history'))
     assert pairs[2].speaker_text == ' | '.join(history) and pairs[2].history == history
     # Utterances 3 and 4 take 5 + 1 (separator) + 6 = 12 words; adding utterance 2 would take 17.
     for budget, kept in ((16, 3), (12, 3), (11, 4)):
-        pairs = list(iter_pairs([dialogue], speaker_text='history', history_tokens=budget))
+        pairs = list(iter_pairs([dialogue], 'train', speaker_text='history', history_tokens=budget))
         assert pairs[2].speaker_text == ' | '.join(history[kept:]), budget
     assert pairs[0].speaker_text == history[0]
     # Newest utterance alone too long: its leading words go, its end stays.
@@ -163,7 +166,7 @@ def test_history_truncated_from_the_left():
     # A custom counter is honoured (characters here).
     assert truncate_left(['abc', 'defgh'], 8, len) == 'defgh' and truncate_left(['abc', 'de'], 8, len) == 'abc | de'
     with pytest.raises(UserError, match='speaker_text'):
-        list(iter_pairs([dialogue], speaker_text='all'))
+        list(iter_pairs([dialogue], 'train', speaker_text='all'))
 
 
 @pytest.mark.parametrize('corrupt, message', [
@@ -194,8 +197,8 @@ def test_broken_json_and_missing_files(tmp_path):
         read_dialogues(str(path))
     with pytest.raises(UserError, match='no such file'):
         read_dialogues(str(tmp_path / 'absent.json'))
-    with pytest.raises(UserError, match='no .image_v5_0. or .video_v5_0. folder'):
-        AvaMERG(str(tmp_path))
+    with pytest.raises(UserError, match=r'no dialogue file, tried .*test\.json, .*test\.json'):
+        AvaMERG(str(tmp_path), 'test')
     with pytest.raises(UserError, match='split'):
         AvaMERG(str(tmp_path), split='valid')
 
@@ -294,11 +297,192 @@ def test_listener_pool(tmp_path):
 def test_cli(tmp_path):
     script = os.path.join(ROOT, 'scripts', 'make_synthetic_avamerg.py')
     ok = subprocess.run([sys.executable, script, '--out', str(tmp_path / 'd'), '--seed', '1', '--dialogues', '2',
-                         '--test_dialogues', '1', '--size', str(SIZE)], capture_output=True, text=True)
+                         '--test_dialogues', '1', '--size', str(SIZE), '--layout', 'release', '--test_gold',
+                         'separate'], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    test_turns = read_dialogues(str(tmp_path / 'd' / 'test' / 'test.json'))[0]['turns']
-    assert len(AvaMERG(str(tmp_path / 'd'), 'test')) == len(test_turns)
+    gold_path = str(tmp_path / 'd' / GOLD_FILE)
+    test_turns = read_dialogues(gold_path)[0]['turns']
+    bare, joined = AvaMERG(str(tmp_path / 'd'), 'test'), AvaMERG(str(tmp_path / 'd'), 'test', gold_path=gold_path)
+    assert len(bare) == len(joined) == len(test_turns) and not any(p.has_gold_response for p in bare.pairs)
+    assert [p.response_text for p in joined.pairs] == [t['response'] for t in test_turns]
+    assert os.path.isdir(tmp_path / 'd' / 'test' / 'test_image')
     bad = subprocess.run([sys.executable, script, '--out', str(tmp_path / 'e'), '--dialogues', '2', '--size', '31'],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and '--size must be an even number' in bad.stderr
     assert not (tmp_path / 'e').exists()
+
+
+LAYOUT_CASES = [(layout, kind) for layout in LAYOUTS for kind in ('frames', 'videos')
+                if LAYOUTS[layout]['train'][kind]]
+TINY = 32  # the layout tests need faces, not detail
+
+
+def _pairs(reader):
+    """Everything a pair holds, as a comparable tuple per pair."""
+    return [(p.pair_id, p.speaker_stem, p.response_stem, p.speaker_text, p.response_text, p.emotion, p.label)
+            for p in reader.pairs]
+
+
+@pytest.fixture(scope='module')
+def layouts(tmp_path_factory):
+    """The same synthetic dataset (seed 4) written in every layout, as frames and as videos."""
+    root = tmp_path_factory.mktemp('layouts')
+    for layout, kind in LAYOUT_CASES:
+        make_dataset(str(root / f'{layout}-{kind}'), seed=4, dialogues=2, test_dialogues=1, size=TINY,
+                     layout=layout, frames=kind == 'frames', videos=kind == 'videos')
+    return root
+
+
+@pytest.mark.parametrize('layout, kind', LAYOUT_CASES)
+def test_every_layout_reads_to_the_same_pairs(layouts, layout, kind):
+    reference, root = str(layouts / 'flat-frames'), str(layouts / f'{layout}-{kind}')
+    for split in ('train', 'test'):
+        expected, data = AvaMERG(reference, split, val_fraction=0), AvaMERG(root, split, val_fraction=0)
+        assert _pairs(data) == _pairs(expected) and len(data) > 0 and not data.skipped
+        folder = os.path.join(root, LAYOUTS[layout][split][kind])
+        for pair in data.pairs:
+            face = np.asarray(data.load_face(pair.response_stem), dtype=float)
+            drawn = np.asarray(expected.load_face(pair.response_stem), dtype=float)
+            if kind == 'frames':
+                assert data.media.frames[pair.response_stem] == os.path.join(folder, pair.response_stem + '.png')
+                assert np.array_equal(face, drawn)
+            else:
+                # The middle frame went into the documented cache folder, which the reader searches.
+                assert data.media.frames[pair.response_stem] == os.path.join(cache_folder(folder),
+                                                                             pair.response_stem + '.png')
+                assert os.path.relpath(cache_folder(folder), root) in [d for d, _ in MEDIA_DIRS[split]]
+                assert np.abs(face - drawn).mean() < 8
+
+
+def test_layout_mismatch_is_one_error_naming_every_folder(synthetic, tmp_path):
+    root = str(tmp_path / 'moved')
+    shutil.copytree(synthetic[0], root)
+    os.rename(os.path.join(root, 'image_v5_0'), os.path.join(root, 'faces'))
+    with pytest.raises(UserError) as info:
+        AvaMERG(root, 'train')
+    message = str(info.value)
+    assert 'none of its' in message and 'media_dirs' in message
+    for folder, _ in MEDIA_DIRS['train']:
+        assert os.path.join(root, folder) in message
+    assert f"{os.path.join(root, 'image_v5_0')} (absent)" in message
+    # A configured folder is searched first; a stem found nowhere says where the reader looked.
+    data = AvaMERG(root, 'train', val_fraction=0, media_dirs=['faces'])
+    assert len(data) == len(AvaMERG(synthetic[0], 'train', val_fraction=0)) and not data.skipped
+    assert data.media.folders[0] == os.path.join(root, 'faces')
+    with pytest.raises(UserError, match=r'no frame or video of dia99999utt0_1 .*looked in:\n.*faces \(\d+ frames'):
+        data.load_face('dia99999utt0_1')
+    # One missing file among many is a counted skip, named in the summary.
+    gone = data.pairs[0].speaker_stem
+    os.remove(os.path.join(root, 'faces', gone + '.png'))
+    data = AvaMERG(root, 'train', val_fraction=0, media_dirs=['faces'])
+    assert dict(data.skipped) == {'missing_frame': 1}
+    assert data.summary()['media']['missing'] == 1 and data.summary()['media']['missing_examples'] == [gone]
+
+
+def test_equal_ids_across_splits_stay_apart(tmp_path):
+    splits = make_dataset(str(tmp_path), seed=6, dialogues=3, test_dialogues=2, size=TINY, test_ids='train')
+    assert [d['conversation_id'] for d in splits['test']] == [d['conversation_id'] for d in splits['train']][:2]
+    train, test = AvaMERG(str(tmp_path), 'train', val_fraction=0), AvaMERG(str(tmp_path), 'test')
+    shared = {p.conversation_id for p in train.pairs} & {p.conversation_id for p in test.pairs}
+    assert len(shared) == 2
+    assert not {p.pair_id for p in train.pairs} & {p.pair_id for p in test.pairs}
+    assert {p.pair_id.split('/')[0] for p in test.pairs} == {'test'}
+    assert all(p.pair_id == f'train/{p.conversation_id}/{p.turn_id}' for p in train.pairs)
+    # Each split reads its own faces for the shared ids.
+    test_frames = os.path.join(str(tmp_path), 'test', '')
+    assert all(test.media.frames[p.speaker_stem].startswith(test_frames) for p in test.pairs)
+
+
+def test_validation_split_is_stable_disjoint_and_covers_train(tmp_path):
+    make_dataset(str(tmp_path), seed=8, dialogues=24, size=TINY)
+    whole = AvaMERG(str(tmp_path), 'train', val_fraction=0)
+    train, val = AvaMERG(str(tmp_path), 'train', val_fraction=0.25), AvaMERG(str(tmp_path), 'val', val_fraction=0.25)
+    # The documented rule, computed independently: the first 8 bytes of sha256 of the key tuple's repr.
+    def held_out(cid):
+        digest = hashlib.sha256(repr(('validation', 'train', cid)).encode()).digest()
+        return int.from_bytes(digest[:8], 'little') / 2 ** 64 < 0.25
+
+    cids = {p.conversation_id for p in whole.pairs}
+    assert {p.conversation_id for p in val.pairs} == {c for c in cids if held_out(c)} != set()
+    assert {p.conversation_id for p in train.pairs} == {c for c in cids if not held_out(c)} != set()
+    assert all(is_validation(c, 0.25) == held_out(c) for c in cids)
+    key = lambda p: (p.conversation_id, p.turn_id, p.speaker_text)  # noqa: E731
+    assert sorted(map(key, train.pairs + val.pairs)) == sorted(map(key, whole.pairs))
+    assert {p.split for p in val.pairs} == {'val'} and {p.split for p in train.pairs} == {'train'}
+    assert _pairs(AvaMERG(str(tmp_path), 'val', val_fraction=0.25)) == _pairs(val)   # stable
+    assert len(AvaMERG(str(tmp_path), 'val', val_fraction=0)) == 0
+    assert val.json_path == whole.json_path == os.path.join(str(tmp_path), 'train.json')
+    for bad in (1, -0.1, '0.1'):
+        with pytest.raises(UserError, match='val_fraction'):
+            AvaMERG(str(tmp_path), 'train', val_fraction=bad)
+
+
+def test_goldless_test_split_and_a_separate_gold_file(tmp_path):
+    inline, separate = str(tmp_path / 'inline'), str(tmp_path / 'separate')
+    make_dataset(inline, seed=7, dialogues=1, test_dialogues=3, size=TINY)
+    splits = make_dataset(separate, seed=7, dialogues=1, test_dialogues=3, size=TINY, test_gold='separate')
+    turns = read_dialogues(os.path.join(separate, 'test', 'test.json'), require_gold=False)[0]['turns']
+    assert not any('response' in t or 'chain_of_empathy' in t for t in turns)
+    with pytest.raises(UserError, match="missing field 'response'.*only the test split may lack"):
+        read_dialogues(os.path.join(separate, 'test', 'test.json'))
+    expected = AvaMERG(inline, 'test')
+    bare = AvaMERG(separate, 'test')
+    assert len(bare) == len(expected) > 0 and bare.gold is None
+    for pair in bare.pairs:
+        assert pair.response_text is None and pair.emotion is None and (pair.label, pair.coarse_label) == (-1, -1)
+        assert not pair.has_gold_response and not pair.has_gold_label
+    summary = bare.summary()
+    assert summary['pairs_with_gold_response'] == summary['pairs_with_gold_label'] == summary['unknown_label'] == 0
+    # The separate gold file, joined by (conversation_id, turn_id), restores exactly the inline pairs.
+    gold_path = os.path.join(separate, GOLD_FILE)
+    joined = AvaMERG(separate, 'test', gold_path=gold_path)
+    assert _pairs(joined) == _pairs(expected) and all(p.has_gold_response and p.has_gold_label for p in joined.pairs)
+    n_turns = sum(len(d['turns']) for d in splits['test'])
+    assert joined.gold == {'path': gold_path, 'gold_turns': n_turns, 'joined_turns': n_turns, 'unmatched': [],
+                           'conflicts': []}
+    assert joined.summary()['gold_file'] == joined.gold and joined.unknown_emotions == expected.unknown_emotions
+    # A gold turn of no test conversation is reported; one whose speaker said something else is not joined.
+    gold = json.loads(open(gold_path).read())
+    gold.append({**gold[0], 'conversation_id': '77777'})
+    gold[1]['turns'][0]['dialogue_history'][-1]['utterance'] = 'another dialogue'
+    edited = str(tmp_path / 'gold.json')
+    with open(edited, 'w') as f:
+        json.dump(gold, f)
+    partial = AvaMERG(separate, 'test', gold_path=edited)
+    assert partial.gold['unmatched'] == sorted(f"77777/{t['turn_id']}" for t in gold[0]['turns'])
+    assert partial.gold['conflicts'] == [f"{gold[1]['conversation_id']}/0"]
+    assert sum(not p.has_gold_response for p in partial.pairs) == 1
+    # The gold of another split matches nothing: one clear error. Gold belongs to the test split only.
+    with pytest.raises(UserError, match='not the gold of this split'):
+        AvaMERG(separate, 'test', gold_path=os.path.join(separate, 'train.json'))
+    with pytest.raises(UserError, match='gold_path is for the test split'):
+        AvaMERG(separate, 'train', gold_path=gold_path)
+
+
+@pytest.mark.parametrize('edit, ok', [
+    (lambda t: t.update(response=None, chain_of_empathy={'event_scenario': ''}), True),
+    (lambda t: t.update(response='  ', chain_of_empathy=None), True),
+    (lambda t: t.update(response=5), False),
+    (lambda t: t.update(chain_of_empathy='sad'), False),
+    (lambda t: t['chain_of_empathy'].update(speaker_emotion=['sad']), False),
+    (lambda t: t.pop('turn_id'), False),
+])
+def test_goldless_turns_still_validate_their_structure(tmp_path, edit, ok):
+    dialogue = _dialogue('00001', ['sad', 'joyful'])
+    edit(dialogue['turns'][1])
+    path = tmp_path / 'test.json'
+    path.write_text(json.dumps([dialogue]))
+    if ok:
+        pairs = list(iter_pairs(read_dialogues(str(path), require_gold=False), 'test'))
+        assert [(p.has_gold_response, p.has_gold_label) for p in pairs] == [(True, True), (False, False)]
+        assert pairs[1].label == pairs[1].coarse_label == -1
+    else:
+        with pytest.raises(UserError, match=r'dialogue 00001 \(#0\) turn 1'):
+            read_dialogues(str(path), require_gold=False)
+
+
+def test_repeated_pair_ids_are_skipped(tmp_path):
+    _write(str(tmp_path), [_dialogue('00005', ['sad']), _dialogue('00006', ['sad']), _dialogue('00005', ['sad'])])
+    data = AvaMERG(str(tmp_path), val_fraction=0)
+    assert [p.pair_id for p in data.pairs] == ['train/00005/0', 'train/00006/0']
+    assert dict(data.skipped) == {'duplicate_pair_id': 1}

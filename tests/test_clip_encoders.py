@@ -86,8 +86,11 @@ def test_long_prompt_is_truncated_with_a_warning(text_dir, caplog):
     long_prompt = ' '.join(['happy'] * (CONTEXT + 5))
     full = _reference_bpe_ids(text_dir, long_prompt)
     with caplog.at_level(logging.WARNING, logger='libs.clip_encoders'):
-        ids = encoder.tokenize(['short', long_prompt])[1].tolist()
-    assert 'prompt 1' in caplog.text and f'{len(full)} tokens' in caplog.text
+        ids = encoder.tokenize(['short', long_prompt, ' '.join(['happy'] * CONTEXT)])[1].tolist()
+    assert len(caplog.records) == 1  # one summary line per call, not one line per prompt
+    message = caplog.records[0].getMessage()
+    assert f'2 of 3 CLIP prompts truncated to {CONTEXT} tokens' in message
+    assert 'prompt 1' in message and f'{len(full)} tokens' in message  # the longest one
     assert ids == full[:CONTEXT - 1] + [full[-1]]  # the end token survives truncation
     assert encoder.count_tokens(long_prompt) == len(full) > CONTEXT
 
@@ -108,9 +111,12 @@ def test_offline_failures_are_loud(text_dir, tmp_path):
     no_weights = str(tmp_path / 'no_weights')
     shutil.copytree(text_dir, no_weights)
     os.remove(os.path.join(no_weights, 'model.safetensors'))
-    for missing in (no_weights, str(tmp_path / 'absent'), 'no-such-org/no-such-clip'):
-        with pytest.raises(UserError, match='huggingface-cli download openai/clip-vit-large-patch14'):
+    for missing in (no_weights, str(tmp_path / 'absent')):
+        with pytest.raises(UserError, match='hf download openai/clip-vit-large-patch14 config.json'):
             CLIPTextEncoder(missing, local_files_only=True)
+    # A hub id is looked up in the Hugging Face cache (never by transformers): the command fetches that repository.
+    with pytest.raises(UserError, match='hf download no-such-org/no-such-clip config.json'):
+        CLIPTextEncoder('no-such-org/no-such-clip', local_files_only=True)
     for wrong in (str(tmp_path / 'absent'), text_dir):  # nothing there / a text model's weights
         with pytest.raises(UserError, match='openai/clip-vit-base-patch32'):
             CLIPImageEncoder(wrong, local_files_only=True)

@@ -191,5 +191,11 @@ def test_lora_resume_is_bit_identical_and_needs_the_same_base(lora_run, tiny_roo
     with pytest.raises(UserError, match='trained on frozen base weights with SHA-256'):
         train_empath.train(lora_config(tiny_root, tmp_path, init_from=str(changed), **dict(RUN, n_steps=45)))
     full = tiny_config(tiny_root, tmp_path, init_from=base, **dict(RUN, n_steps=45))
-    with pytest.raises(UserError, match='does not hold the trained parameters of this model'):
+    with pytest.raises(UserError, match='train.lora.enabled: True -> False'):
         train_empath.train(full)
+    # A checkpoint whose tensors are not what the model trains is refused too, not filled in from the model.
+    from accelerate import Accelerator
+    nnet = trainer.build_model(full)
+    with pytest.raises(UserError, match='does not hold the trained parameters of this model'):
+        trainer.load_checkpoint(os.path.join(run, 'ckpts', '30.ckpt'), Accelerator(cpu=True), nnet,
+                                trainer.make_ema(nnet), trainer.make_optimizer(nnet, full), None)

@@ -1,4 +1,5 @@
-"""Metrics against independent computations: sacrebleu / nltk BLEU, hand counts, numpy FID, sklearn-style F1."""
+"""Metrics against independent computations: BLEU by hand and via nltk / sacreBLEU, hand counts, numpy FID,
+hand-counted F1."""
 import logging
 import math
 import sys
@@ -6,11 +7,11 @@ import warnings
 
 import numpy as np
 import pytest
+import sacrebleu
 import torch
-from nltk.tokenize import wordpunct_tokenize
-from nltk.translate.bleu_score import corpus_bleu
-from PIL import Image
-from sacrebleu.metrics import BLEU
+from nltk.tokenize import word_tokenize
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
+from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from scipy import linalg
 
 from libs import metrics
@@ -22,43 +23,66 @@ REFS = ['I am sorry to hear that. What happened to you?', 'Wow that sounds great
         'That is scary. I would be afraid too.', 'That is great news, you must be so proud of him.']
 
 
-def test_tokenize_is_lowercased_wordpunct():
-    for text in HYPS + REFS:
-        assert metrics.tokenize(text) == wordpunct_tokenize(text.lower())
+def test_tokenize_is_lowercased_nltk_word_tokenize():
+    # One sentence each: word_tokenize without its sentence splitter (preserve_line, no data file needed) is the
+    # reference; sentence splitting only matters where a sentence ends inside the text.
+    for text in ['I am so sorry to hear that, what happened?', "Oh no, I'd be scared too.", 'Wow!! "Great" news...',
+                 "You can't be serious (really)?"]:
+        assert metrics.tokenize(text) == word_tokenize(text.lower(), preserve_line=True)
+    assert metrics.tokenize('I am sorry. What happened to you?!') == \
+        ['i', 'am', 'sorry', '.', 'what', 'happened', 'to', 'you', '?', '!']
+    # Control characters (a random tiny decoder emits them) are spaces, never tokens; nothing crashes on them.
+    assert metrics.tokenize('hi\x01\x02 there\x7f\u0085ok\u200b') == ['hi', 'there', 'ok']
+    assert metrics.tokenize('\x00\x1f') == [] and metrics.tokenize('') == []
 
 
-@pytest.mark.parametrize('max_n', [1, 2, 3, 4])
-def test_bleu_matches_sacrebleu_and_nltk_on_same_tokens(max_n):
-    ours = metrics.corpus_bleu_n(HYPS, REFS, max_n=max_n)
-    hyp_tok, ref_tok = [metrics.tokenize(h) for h in HYPS], [metrics.tokenize(r) for r in REFS]
-    for n in range(1, max_n + 1):
-        # Both references implement the same corpus formula; given our tokens they differ only by float rounding.
-        sb = BLEU(tokenize='none', smooth_method='none', max_ngram_order=n, lowercase=False)
-        expected = sb.corpus_score([' '.join(t) for t in hyp_tok], [[' '.join(t) for t in ref_tok]]).score
-        assert ours[f'bleu{n}'] == pytest.approx(expected, abs=1e-9)
-        nl = 100 * corpus_bleu([[r] for r in ref_tok], hyp_tok, weights=(1 / n,) * n)
-        assert ours[f'bleu{n}'] == pytest.approx(nl, abs=1e-9)
-    assert 0 < ours[f'bleu{max_n}'] < 100
+def test_corpus_bleu_n_is_sacrebleu_of_each_order():
+    bleu4 = sacrebleu.corpus_bleu(HYPS, [REFS]).score  # sacreBLEU's standard entry point
+    ours = metrics.corpus_bleu_n(HYPS, REFS)
+    assert ours['bleu4'] == pytest.approx(bleu4, abs=1e-9) == metrics.sacrebleu_score(HYPS, REFS)['score']
+    # Every precision of every order is non-zero here, so exp smoothing is inactive and BLEU-n is nltk's corpus
+    # BLEU with weights 1/n on sacreBLEU's 13a tokens (case kept).
+    tokens = [Tokenizer13a()(t).split() for t in HYPS], [[Tokenizer13a()(t).split()] for t in REFS]
+    for n in range(1, 5):
+        assert ours[f'bleu{n}'] == pytest.approx(100 * corpus_bleu(tokens[1], tokens[0], weights=(1 / n,) * n),
+                                                 abs=1e-9)
+    assert 0 < ours['bleu4'] < ours['bleu3'] < ours['bleu2'] < ours['bleu1'] < 100
+    assert metrics.corpus_bleu_n(HYPS, REFS, max_n=2) == {k: ours[k] for k in ('bleu1', 'bleu2')}
+    signature = metrics.sacrebleu_score(HYPS, REFS)['signature']
+    assert 'nrefs:1' in signature and 'tok:13a' in signature and 'smooth:exp' in signature
 
 
-def test_bleu_brevity_penalty_and_zero_precision_by_hand():
-    scores = metrics.corpus_bleu_n(['the cat'], ['The cat sat'])
+def test_corpus_bleu_brevity_penalty_and_smoothing_by_hand():
+    scores = metrics.corpus_bleu_n(['the cat'], ['the cat sat'])
     bp = math.exp(1 - 3 / 2)  # hypothesis 2 tokens, reference 3: every 1- and 2-gram matches
     assert scores['bleu1'] == pytest.approx(100 * bp) and scores['bleu2'] == pytest.approx(100 * bp)
-    assert scores['bleu3'] == 0.0 and scores['bleu4'] == 0.0  # no 3-grams in the hypothesis: p3 = 0 / 0 -> 0
+    assert scores['bleu3'] == 0.0 and scores['bleu4'] == 0.0  # no 3-gram in the hypothesis at all
+    # One 4-gram, unmatched: exp smoothing counts it as 1 / (2 * 1); the lower orders are 3/4, 2/3, 1/2.
+    expected = 100 * math.exp((math.log(3 / 4) + math.log(2 / 3) + math.log(1 / 2) + math.log(1 / 2)) / 4)
+    assert metrics.corpus_bleu_n(['a b c x'], ['a b c d'])['bleu4'] == pytest.approx(expected)
+    assert metrics.corpus_bleu_n(['The cat'], ['the cat'])['bleu1'] == pytest.approx(50.0)  # mixed case
     assert metrics.corpus_bleu_n(['a b c d'], ['a b c d'])['bleu4'] == pytest.approx(100.0)
+    for bad in (([], []), (['a'], [])):
+        with pytest.raises(ValueError):
+            metrics.corpus_bleu_n(*bad)
+
+
+def test_sentence_bleu_n_by_hand():
+    # Pair 1: 'the cat sat' against a 6-token reference; its 1-3-grams all match, it has no 4-gram (0 of 0 counts
+    # as 0 of 1, smoothed to 0.1). Pair 2: an empty reply scores 0. Case and punctuation go through `tokenize`.
+    scores = metrics.sentence_bleu_n(['The cat sat', ''], ['the cat sat on the mat.', 'anything'])
+    bp = math.exp(1 - 7 / 3)  # the reference has 7 tokens with its '.'
+    for n in range(1, 4):
+        assert scores[f'bleu{n}'] == pytest.approx(100 * bp / 2)
+    assert scores['bleu4'] == pytest.approx(100 * bp * 0.1 ** (1 / 4) / 2)
+    # Matches nltk's own averaging over the same tokens, with every weight set.
+    smooth = SmoothingFunction().method1
+    for n in range(1, 5):
+        expected = np.mean([sentence_bleu([metrics.tokenize(r)], metrics.tokenize(h), weights=(1 / n,) * n,
+                                          smoothing_function=smooth) for h, r in zip(HYPS, REFS)])
+        assert metrics.sentence_bleu_n(HYPS, REFS)[f'bleu{n}'] == pytest.approx(100 * expected, abs=1e-9)
     with pytest.raises(ValueError):
-        metrics.corpus_bleu_n(['a'], [])
-
-
-def test_sacrebleu_score_equals_ours_where_tokenisers_agree():
-    # Lower-case text with no apostrophes or digits: 13a splits punctuation exactly as `tokenize` does, and with all
-    # four precisions non-zero sacrebleu's exp smoothing is inactive, so the two BLEU-4 must coincide.
-    hyps = ['i am so sorry to hear that , what happened ?', 'that sounds wonderful ! did you have fun ?']
-    refs = ['i am sorry to hear that . what happened to you ?', 'wow that sounds great ! did you have fun ?']
-    out = metrics.sacrebleu_score(hyps, refs)
-    assert out['score'] == pytest.approx(metrics.corpus_bleu_n(hyps, refs)['bleu4'], abs=1e-9)
-    assert 'nrefs:1' in out['signature'] and 'tok:13a' in out['signature']
+        metrics.sentence_bleu_n(['a'], ['a', 'b'])
 
 
 def test_distinct_n_by_hand():
@@ -104,6 +128,33 @@ def test_macro_f1_matches_sklearn_semantics_on_random_labels():
     assert metrics.macro_f1(pred, gold, num_classes=10) == pytest.approx(expected, abs=1e-12)
 
 
+def test_confusion_matrix_matches_hand_counts_on_random_labels():
+    gen = torch.Generator().manual_seed(1)
+    gold = torch.randint(0, 7, (500,), generator=gen)  # class 7 never occurs in gold, only in pred
+    pred = torch.where(torch.rand(500, generator=gen) < 0.5, gold, torch.randint(0, 8, (500,), generator=gen))
+    gold[torch.rand(500, generator=gen) < 0.1] = -1
+    counts = torch.zeros(8, 8, dtype=torch.int64)
+    for p, g in zip(pred.tolist(), gold.tolist()):
+        if g != -1:
+            counts[g, p] += 1
+    cm = metrics.confusion_matrix(pred, gold, num_classes=8)
+    assert cm.dtype == torch.int64 and torch.equal(cm, counts)
+    assert int(cm.sum()) == int((gold != -1).sum()) and cm[7].sum() == 0 and cm[:, 7].sum() > 0
+
+
+def test_label_checks_and_empty_input():
+    with pytest.raises(ValueError, match='pred labels'):
+        metrics.macro_f1([0, 5], [0, 1], num_classes=5)
+    with pytest.raises(ValueError, match='gold labels'):
+        metrics.confusion_matrix([0, 1], [0, -2], num_classes=5)  # only -1 means "no label"
+    with pytest.raises(ValueError, match='gold has 3'):
+        metrics.confusion_matrix([0, 1], [0, 1, 1], num_classes=5)
+    assert math.isnan(metrics.macro_f1([2, 3], [-1, -1], num_classes=5))  # nothing labelled
+    assert torch.equal(metrics.confusion_matrix([], [], num_classes=3), torch.zeros(3, 3, dtype=torch.int64))
+    # A prediction on an ignored sample counts nowhere, even if its class appears nowhere else.
+    assert metrics.macro_f1([1, 4], [1, -1], num_classes=5) == 1.0
+
+
 def test_emotion_report_maps_fine_to_coarse():
     fine_to_coarse = [0, 0, 1, 2]  # four fine classes into three coarse ones
     pred, gold = [1, 2, 3, 0, 2], [0, 2, 2, 1, -1]
@@ -113,21 +164,6 @@ def test_emotion_report_maps_fine_to_coarse():
     # Coarse: pred [0, 1, 2, 0] vs gold [0, 1, 1, 0] -> 3 of 4 right.
     assert rep['coarse_acc'] == pytest.approx(3 / 4)
     assert rep['coarse_macro_f1'] == pytest.approx(_sklearn_macro_f1([0, 1, 2, 0], [0, 1, 1, 0]))
-
-
-def test_confusion_png_is_written_and_readable(tmp_path):
-    labels = ['happy', 'surprised', 'angry']
-    cm = torch.tensor([[5, 0, 0], [1, 1, 0], [0, 0, 0]])
-    path = tmp_path / 'cm.png'
-    metrics.plot_confusion_png(cm, labels, path)
-    img = Image.open(path)
-    img.load()
-    assert img.format == 'PNG' and img.mode == 'RGB' and min(img.size) > 3 * 28
-    colours = {c for _, c in img.getcolors(img.size[0] * img.size[1])}
-    assert (8, 48, 107) in colours  # the 'happy' row is 100% on the diagonal: the darkest colour
-    assert (255, 255, 255) in colours
-    with pytest.raises(ValueError):
-        metrics.plot_confusion_png(cm, labels[:2], path)
 
 
 def _reference_fid(x, y):

@@ -126,7 +126,7 @@ def test_cli_exit_codes(tiny_models, tmp_path):
     assert bad.returncode == 2 and 'unknown mode' in bad.stderr and 'empath' in bad.stderr
     missing = run_cli('--mode=t2i', '--prompt=x', f'--output_path={tmp_path}', '--config=configs/sample_tiny.py',
                       f'--config.nnet_path={tmp_path}/missing.pth')
-    assert missing.returncode == 2 and 'missing.pth' in missing.stderr and 'unidiffuser' in missing.stderr
+    assert missing.returncode == 2 and 'missing.pth' in missing.stderr and 'train_empath.py' in missing.stderr
     ok = run_cli('--mode=t', f'--output_path={tmp_path}', '--config=configs/sample_tiny.py',
                  f'--config.nnet_path={tiny_models}/uvit_v1.pth', *[
                      f'--config.{k}={tiny_models}/{v}' for k, v in (
