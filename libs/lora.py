@@ -58,7 +58,7 @@ def apply_lora(nnet: torch.nn.Module, lora_config) -> None:
                         'parameters; those are trained in full, so leave them out of the targets')
     unmatched = [t for t in targets if not any(n == t or n.endswith('.' + t) for n in linear)]
     if unmatched:
-        suffixes = sorted({n.split('.', 2)[-1] for n in linear if n.startswith(('in_blocks.0.', 'mid_block.'))})
+        suffixes = sorted({n.split('.', 2)[-1] for n in linear if n.startswith(('in_blocks.0.', 'out_blocks.0.'))})
         others = sorted(n for n in linear if not n.startswith(('in_blocks.', 'mid_block.', 'out_blocks.')))
         raise UserError(f'train.lora.target_modules {unmatched} match no Linear layer of the U-ViT; block layers '
                         f'are {suffixes}, other layers {others}')
@@ -71,7 +71,8 @@ def apply_lora(nnet: torch.nn.Module, lora_config) -> None:
     trained = sum(p.numel() for p in nnet.parameters() if p.requires_grad)
     total = sum(p.numel() for p in nnet.parameters())
     logger.info('LoRA rank %d, alpha %g on %d layers (%s): %.2fM of %.2fM parameters trained (adapters and the '
-                'new speaker-path parameters)', rank, lora_config.alpha, n_layers, ', '.join(targets), trained / 1e6, total / 1e6)
+                'new speaker-path parameters)', rank, lora_config.alpha, n_layers, ', '.join(targets), trained / 1e6,
+                total / 1e6)
 
 
 def adapter_keys(state_dict_keys) -> list:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_empath
-from libs import lora, trainer
+from libs import config_check, lora, trainer
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
 from libs.features import FeatureDataset
@@ -94,6 +94,13 @@ def test_target_modules_and_optimizer_are_checked(tiny_root, tmp_path):
         config.train.lora.target_modules = targets
         with pytest.raises(UserError, match=message):
             trainer.build_model(config)
+    config = lora_config(tiny_root, tmp_path, init_from='')
+    config.train.lora.update(rank=0, dropout=1.)
+    found = config_check.problems(config, 'train')
+    assert 'train.lora.rank=0 (must be an integer >= 1)' in found and any('lora.dropout=1.0' in p for p in found)
+    config.train.lora.update(rank=4, dropout=0.)
+    assert config_check.problems(config, 'train') == ['train.lora.enabled needs train.init_from: LoRA adapts '
+                                                      'pretrained weights, a frozen random network has nothing to adapt']
     if not torch.cuda.is_available():
         config = tiny_config(tiny_root, tmp_path)
         config.optimizer.eight_bit = True
