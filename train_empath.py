@@ -11,13 +11,13 @@ the file sample_multi.py, eval_avamerg.py and app.py take. A restarted run conti
 checkpoint. Training reads the train cache and validates on the val cache (conversations held out of train.json);
 it never reads the test split. With an unconditional ``nnet.name`` (uvit_multi_post_ln_v1) it trains UniDiffuser's
 joint objective on the (face, utterance) pairs of speakers and listeners, e.g. to pre-train a small UniDiffuser.
+With ``train.lora.enabled`` (libs/lora.py) checkpoints hold only the trained tensors and the export is merged.
 The run folder is locked while the run lasts (libs/runlock.py): a second run on it is refused. A resume that would
 change a setting the run cannot change (``trainer.FIXED_SETTINGS``: network, objective, data, seed, batch) is refused
 naming it; other changes (learning rate, n_steps, intervals) are applied and logged. Exit codes: 2 bad input
 (UserError), 3 stopped by the non-finite guard.
 """
 import contextlib
-import copy
 import functools
 import json
 import logging
@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import cli, config_check, hub, logs, runlock, trainer
+from libs import cli, config_check, distributed, hub, logs, lora, runlock, trainer
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
 from libs.features import FeatureDataset, RankSampler, ShuffledStream, StreamDataset, micro_batch_size
@@ -172,11 +172,12 @@ def train(config, dry_run: bool = False) -> dict:
     # Model, EMA, optimizer, frozen text reducer --------------------------------------------------------------------
     torch.manual_seed(config.seed)  # every process initialises the new parameters identically
     nnet = trainer.build_model(config)
-    ema = copy.deepcopy(nnet).to(device).eval().requires_grad_(False)
+    ema = trainer.make_ema(nnet).to(device)
+    distributed.shard_model(nnet, accelerator)  # FSDP2 where the launch asks for FSDP and accelerate cannot (CPU)
     optimizer = trainer.make_optimizer(nnet, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(trainer.warmup, warmup_steps=config.optimizer.warmup_steps))
-    nnet, optimizer = accelerator.prepare(nnet, optimizer)
+    nnet, optimizer = distributed.prepare(accelerator, nnet, optimizer)
     caption_decoder = trainer.load_text_reducer(config, device)
     encode_text = caption_decoder.encode_prefix
     schedule = Schedule(stable_diffusion_betas())
@@ -189,11 +190,13 @@ def train(config, dry_run: bool = False) -> dict:
         trainer.remove_partial_checkpoints(run_dir)
     accelerator.wait_for_everyone()
     digest = trainer.features_digest(train_set.manifest)
+    base = lora.base_digest(config)  # LoRA checkpoints hold no frozen weights: they resume on the same init_from
     state = dict(step=0, data_position=0, nonfinite_total=0, best_step=-1, best_val_loss=float('inf'),
-                 train_features=digest)
+                 train_features=digest, base_sha256=base)
     resumed = trainer.resume(run_dir, config, accelerator, nnet, ema, optimizer, scheduler, digest) if tc.resume \
         else None
     if resumed:
+        lora.check_same_base(resumed.get('base_sha256'), base, config.train.init_from, run_dir)
         state = resumed
         logger.info('resumed from step %d (data position %d)', state['step'], state['data_position'])
         if state['step'] >= tc.n_steps:
@@ -240,7 +243,8 @@ def train(config, dry_run: bool = False) -> dict:
                             'refuses such shards')
 
         # Non-finite guard: skip the update (every process agrees, the loss is reduced), stop after K in a row.
-        grad_norm = accelerator.clip_grad_norm_(nnet.parameters(), tc.grad_clip or float('inf'))
+        grad_norm = distributed.full_tensor(accelerator.clip_grad_norm_(nnet.parameters(),
+                                                                        tc.grad_clip or float('inf')))
         if torch.isfinite(totals).all() and torch.isfinite(grad_norm):
             optimizer.step()
             trainer.update_ema(ema, accelerator.unwrap_model(nnet), trainer.ema_decay(step, tc.ema_rate))
@@ -304,7 +308,8 @@ def train(config, dry_run: bool = False) -> dict:
                 trainer.save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler, state, config)
             if is_main:
                 trainer.prune_checkpoints(run_dir, tc.keep_last, state['best_step'])
-                state['export'] = trainer.export_ema(run_dir, state, step)
+                write = functools.partial(lora.write_merged, ema) if lora.enabled(config) else trainer.link_or_copy
+                state['export'] = trainer.export_ema(run_dir, state, step, write)
     progress.close()
     accelerator.end_training()
     if is_main and 'export' in state:

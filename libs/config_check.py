@@ -70,6 +70,12 @@ def shape(n: int) -> Callable:
         else f'{n} positive integers'
 
 
+def names() -> Callable:
+    """A non-empty tuple of non-empty strings."""
+    return lambda x: None if isinstance(x, (tuple, list)) and x and all(isinstance(v, str) and v for v in x) \
+        else 'a non-empty tuple of names'
+
+
 def pair_in_unit_interval() -> Callable:
     """Two numbers in [0, 1) (Adam's betas)."""
     single = number(0, 1, high_open=True)
@@ -119,6 +125,9 @@ RULES = {
         'train.max_nonfinite': integer(1), 'train.log_every': integer(1), 'train.val_every': interval(),
         'train.val_pairs': integer(1), 'train.ckpt_every': integer(1), 'train.keep_last': integer(1),
         'train.sample_every': interval(), 'train.sample_n': integer(1),
+        'train.lora.enabled': boolean(), 'train.lora.rank': integer(1), 'train.lora.alpha': number(0, low_open=True),
+        'train.lora.dropout': number(0, 1, high_open=True), 'train.lora.target_modules': names(),
+        'train.lora.lr': number(0, low_open=True), 'optimizer.eight_bit': boolean(),
         'optimizer.lr': number(0, low_open=True), 'optimizer.condition_lr_scale': number(0, low_open=True),
         'optimizer.weight_decay': number(0), 'optimizer.betas': pair_in_unit_interval(),
         'optimizer.eps': number(0, low_open=True), 'optimizer.warmup_steps': integer(0),
@@ -154,13 +163,19 @@ def _dropout_total(config) -> Optional[str]:
     return None if total <= 1 else f'train.p_drop_face + p_drop_text + p_drop_both = {total:g} must be at most 1'
 
 
+def _lora_needs_weights(config) -> Optional[str]:
+    tc = config.train
+    return 'train.lora.enabled needs train.init_from: LoRA adapts pretrained weights, a frozen random network has ' \
+        'nothing to adapt' if tc.lora.enabled and not tc.init_from else None
+
+
 def _heads_divide_width(config) -> Optional[str]:
     n = config.nnet
     return None if n.embed_dim % n.num_heads == 0 else \
         f'nnet.embed_dim={n.embed_dim} is not divisible by nnet.num_heads={n.num_heads}'
 
 
-CROSS_RULES = {'model': (_heads_divide_width,), 'train': (_divisible_batch, _dropout_total)}
+CROSS_RULES = {'model': (_heads_divide_width,), 'train': (_divisible_batch, _dropout_total, _lora_needs_weights)}
 
 
 def flatten(settings: dict, prefix: str = '') -> dict:

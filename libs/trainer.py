@@ -24,9 +24,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from libs import lora
 from libs.avamerg import COARSE_7, EMOTIONS_32, FINE_TO_COARSE
 from libs.config_check import flatten
 from libs.diffusion import modality_losses
+from libs.distributed import full_tensor
 from libs.errors import UserError
 from libs.features import TENSOR_DTYPES, derive_seed, nonfinite_rows, pair_id
 from libs.io import atomic_write_json
@@ -194,13 +196,16 @@ def to_device(batch: dict, device) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_model(config) -> torch.nn.Module:
-    """The conditional U-ViT, initialised from ``train.init_from`` (new condition keys are logged) or from scratch."""
+    """The conditional U-ViT, initialised from ``train.init_from`` (new condition keys are logged) or from scratch;
+    with ``train.lora.enabled``, frozen and given LoRA adapters (libs.lora)."""
     nnet = build_nnet(config.nnet)
     if config.train.init_from:
         load_nnet_weights(nnet, config.train.init_from, logger)
         logger.info('initialised the U-ViT from %s', config.train.init_from)
     else:
         logger.info('training the U-ViT from scratch (train.init_from is empty)')
+    if lora.enabled(config):
+        lora.apply_lora(nnet, config.train.lora)
     return nnet
 
 
@@ -213,28 +218,26 @@ def load_text_reducer(config, device):
 
 
 def make_optimizer(nnet, config):
-    """AdamW: no weight decay on ``no_weight_decay()``; the new (condition) parameters at condition_lr_scale × lr."""
+    """AdamW (8-bit with ``optimizer.eight_bit``) over the trained parameters: no weight decay on
+    ``no_weight_decay()``; the new (condition) parameters at condition_lr_scale × lr, LoRA's adapters at
+    train.lora.lr."""
     opt, skip = config.optimizer, nnet.no_weight_decay()
+    pretrained_lr = config.train.lora.lr if lora.enabled(config) else opt.lr  # LoRA trains adapters, not weights
     new = set(nnet.condition_parameters()) if getattr(nnet, 'condition', False) else set()
     named = [(n, p) for n, p in nnet.named_parameters() if p.requires_grad]
     groups = []
     for is_new in (False, True):
-        lr = opt.lr * (opt.condition_lr_scale if is_new else 1.)
+        lr = opt.lr * opt.condition_lr_scale if is_new else pretrained_lr
         for decays in (True, False):
             params = [p for n, p in named if (n in new) == is_new and (n not in skip) == decays]
             if params:
                 groups.append(dict(params=params, lr=lr, weight_decay=opt.weight_decay if decays else 0.))
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    return lora.adamw_class(opt.eight_bit)(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
 def warmup(step: int, warmup_steps: int) -> float:
     """Linear warm-up factor of the learning rate: (step + 1) / warmup_steps, then 1."""
     return min(1., (step + 1) / warmup_steps) if warmup_steps > 0 else 1.
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly FSDP-sharded) parameter."""
-    return t.full_tensor() if hasattr(t, 'full_tensor') else t
 
 
 def ema_decay(step: int, rate: float) -> float:
@@ -246,13 +249,20 @@ def ema_decay(step: int, rate: float) -> float:
     return min(rate, (1. + step) / (10. + step))
 
 
+def make_ema(model: torch.nn.Module) -> torch.nn.Module:
+    """The EMA network: a copy of the trained parameters; frozen ones (LoRA's base weights) are shared, not copied."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    return lora.copy_sharing(model, trained).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
-    """ema ← rate · ema + (1 − rate) · model for parameters; buffers are copied."""
+    """ema ← rate · ema + (1 − rate) · model for the trained parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(_full(p).to(e.dtype), 1. - rate)
+        if p.requires_grad:
+            e.lerp_(full_tensor(p).to(e.dtype), 1. - rate)
     for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(_full(b))
+        e.copy_(full_tensor(b))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,12 +323,22 @@ def remove_partial_checkpoints(run_dir: str) -> None:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
+def trained_keys(model: torch.nn.Module) -> List[str]:
+    """State-dict keys a checkpoint holds: all but the frozen parameters (LoRA's base weights)."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return [k for k in model.state_dict() if k not in frozen]
+
+
 def save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler, state: dict, config) -> str:
-    """Write ``ckpts/<step>.ckpt`` atomically; every process must call it (state dicts are gathered collectively)."""
+    """Write ``ckpts/<step>.ckpt`` atomically; every process must call it (state dicts are gathered collectively).
+
+    The network files hold what is trained: everything for a full fine-tune, the adapters and new parameters for LoRA.
+    """
     folder = os.path.join(run_dir, 'ckpts')
     final, tmp = os.path.join(folder, f'{step}.ckpt'), os.path.join(folder, f'.tmp-{step}.ckpt')
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd = get_model_state_dict(nnet, options=options)
+    keys = trained_keys(accelerator.unwrap_model(nnet))
     optim_sd = get_optimizer_state_dict(nnet, getattr(optimizer, 'optimizer', optimizer), options=options)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -328,7 +348,8 @@ def save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_nnet(model_sd, os.path.join(tmp, 'nnet.safetensors'), config, step)
-        export_nnet(ema.state_dict(), os.path.join(tmp, 'nnet_ema.safetensors'), config, step)
+        ema_sd = ema.state_dict()
+        export_nnet({k: ema_sd[k] for k in keys}, os.path.join(tmp, 'nnet_ema.safetensors'), config, step)
         torch.save(dict(state, step=step, optimizer=optim_sd, scheduler=scheduler.state_dict(),
                         num_processes=accelerator.num_processes), os.path.join(tmp, 'training_state.pt'))
         with open(os.path.join(tmp, 'config.json'), 'w') as f:
@@ -347,8 +368,17 @@ def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
     """Restore model, EMA, optimizer, scheduler and RNG states from a checkpoint folder; returns its state dict."""
     state = torch.load(os.path.join(path, 'training_state.pt'), map_location='cpu', weights_only=True)
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(nnet, load_file(os.path.join(path, 'nnet.safetensors')), options=options)
-    ema.load_state_dict(load_file(os.path.join(path, 'nnet_ema.safetensors')))  # copied onto the EMA's device
+    model_sd = load_file(os.path.join(path, 'nnet.safetensors'))
+    ema_sd = load_file(os.path.join(path, 'nnet_ema.safetensors'))  # copied onto the EMA's device by loading
+    keys = set(trained_keys(accelerator.unwrap_model(nnet)))
+    for name, sd in (('nnet', model_sd), ('nnet_ema', ema_sd)):  # set_model_state_dict would fill in gaps silently
+        if set(sd) != keys:
+            raise UserError(f'{path}/{name}.safetensors does not hold the trained parameters of this model (missing '
+                            f'{sorted(keys - set(sd))[:3]}, unexpected {sorted(set(sd) - keys)[:3]}): it was written '
+                            'with other nnet or train.lora settings; resume with those, or start a new run '
+                            '(config.name)')
+    set_model_state_dict(nnet, model_sd, options=options)
+    ema.load_state_dict(ema_sd, strict=False)  # frozen (shared) parameters are not in the file
     optimizer = getattr(optimizer, 'optimizer', optimizer)  # accelerate's wrapper -> the torch optimizer
     set_optimizer_state_dict(nnet, optimizer, state.pop('optimizer'), options=options)
     scheduler.load_state_dict(state.pop('scheduler'))
@@ -375,8 +405,9 @@ FIXED_SETTINGS = ('nnet', 'z_shape', 'clip_img_dim', 'clip_text_dim', 'text_dim'
                   'seed', 'autoencoder.scale_factor', 'caption_decoder.pretrained_path', 'data.train', 'data.val',
                   'data.shuffle_window', 'train.batch_size', 'train.grad_accum', 'train.p_drop_face',
                   'train.p_drop_text', 'train.p_drop_both', 'train.emotion_weight', 'train.loss_weighting',
-                  'train.ema_rate', 'train.val_pairs')
-FREE_WITHIN_FIXED = ('nnet.use_checkpoint',)  # activation checkpointing trades memory for time and changes nothing
+                  'train.ema_rate', 'train.val_pairs', 'train.lora', 'optimizer.eight_bit')
+# Activation checkpointing trades memory for time and changes nothing; LoRA's learning rate is a learning rate.
+FREE_WITHIN_FIXED = ('nnet.use_checkpoint', 'train.lora.lr')
 
 
 def features_digest(manifest: dict) -> str:
@@ -486,12 +517,21 @@ def resume(run_dir, config, accelerator, nnet, ema, optimizer, scheduler, digest
 EXPORT, EXPORT_INFO = 'nnet_ema.safetensors', 'nnet_ema.json'
 
 
-def export_ema(run_dir: str, state: dict, newest_step: int) -> dict:
+def link_or_copy(source: str, dest: str) -> None:
+    """Hard-link ``source`` as ``dest`` (a full copy where links are unsupported)."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def export_ema(run_dir: str, state: dict, newest_step: int, write=link_or_copy) -> dict:
     """Publish ``<run>/nnet_ema.safetensors``: the EMA network of the best checkpoint by validation loss (the newest
     when there is no validation), with ``nnet_ema.json`` saying which. Returns that description.
 
-    The file is a hard link to the checkpoint's copy (a full copy where links are unsupported) put in place by an
-    atomic rename, so readers never see half a file and pruning the checkpoint later does not remove it.
+    ``write(checkpoint_file, tmp)`` makes the file: by default a hard link to the checkpoint's copy (pruning the
+    checkpoint later does not remove it); LoRA runs merge the adapters (``libs.lora.write_merged``). It is put in
+    place by an atomic rename, so readers never see half a file.
     """
     step = state['best_step'] if state['best_step'] > 0 else newest_step
     info = dict(step=step, selected_by='best validation EMA loss' if state['best_step'] > 0 else 'newest checkpoint',
@@ -505,10 +545,7 @@ def export_ema(run_dir: str, state: dict, newest_step: int) -> dict:
     source, tmp = os.path.join(run_dir, info['checkpoint'], EXPORT), path + '.tmp'
     if os.path.exists(tmp):
         os.remove(tmp)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
+    write(source, tmp)
     os.replace(tmp, path)
     atomic_write_json(meta, info)
     return info
