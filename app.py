@@ -23,10 +23,10 @@ import sys
 import time
 
 import torch
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from libs import modes, pipeline, precision
+from libs import cli, modes, pipeline, precision
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -335,4 +335,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main, argv=sys.argv + shlex.split(os.environ.get(APP_ARGS, '')))
+    cli.run(main, argv=sys.argv + shlex.split(os.environ.get(APP_ARGS, '')))

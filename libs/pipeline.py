@@ -91,7 +91,8 @@ def make_context(comp: Components, generator: torch.Generator) -> modes.Context:
     precision.log_precision(prec)
     ctx = modes.Context(
         nnet=comp.nnet,
-        sampler=functools.partial(get_sampler(config.sample.sampler), skip_type=config.sample.skip_type), schedule=NoiseScheduleVP(betas), N=len(betas),
+        sampler=functools.partial(get_sampler(config.sample.sampler), skip_type=config.sample.skip_type),
+        schedule=NoiseScheduleVP(betas), N=len(betas),
         steps=config.sample.sample_steps, scale=config.sample.scale, z_shape=tuple(config.z_shape),
         clip_img_dim=config.clip_img_dim, text_shape=(config.num_text_tokens, config.text_dim),
         data_type=config.data_type if comp.nnet.use_data_type else None, t2i_cfg_mode=config.sample.t2i_cfg_mode,
@@ -204,14 +205,34 @@ def top_emotions(probs: torch.Tensor, names: List[str], k: int = 3):
     return [[(names[i], round(float(v), 4)) for v, i in zip(vs, ids)] for vs, ids in zip(values, idx)]
 
 
-def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, prompt=None, image=None):
+def check_condition_trained(nnet: UViT, what: str, allow_untrained: bool = False) -> None:
+    """Refuse to answer a speaker with a network whose speaker segment is missing or untrained, unless allowed.
+
+    An official UniDiffuser checkpoint loaded into EmpathDiffuser (or a network never fine-tuned) has zero gates: the
+    speaker has no effect and the emotion head is random, so its 'responses' and emotions would mean nothing.
+    """
+    if not nnet.condition:
+        raise UserError(f'{what} needs an EmpathDiffuser network (nnet.name=uvit_empath); this one is a UniDiffuser '
+                        'U-ViT without a speaker segment. Pass one with its config: '
+                        '--config=configs/sample_tiny_empath.py (the tiny random one of scripts/make_tiny_models.py), '
+                        'or a training config with its run\'s '
+                        'export, e.g. --config=configs/avamerg_empath.py '
+                        '--nnet_path=workdir/avamerg_empath/nnet_ema.safetensors')
+    if not nnet.condition_is_trained() and not allow_untrained:
+        raise UserError(f'{what}: the network\'s speaker segment is untrained (every gate is zero, e.g. an official '
+                        'UniDiffuser checkpoint or a network before fine-tuning), so the speaker has no effect and the '
+                        'emotions are random. Use a network trained by train_empath.py, or pass '
+                        '--allow_untrained_condition to run it anyway')
+
+
+def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, prompt=None, image=None,
+             allow_untrained_condition: bool = False):
     """Run one sampling mode end to end: raw inputs -> decoded images, texts and emotions."""
     fn = modes.get_mode(mode)
     inputs = dict(n=n_samples)
     conditional = comp.nnet.condition
     if mode in modes.EMPATH_MODES:
-        if not conditional:
-            raise UserError(f'mode {mode} needs an EmpathDiffuser network (nnet.name=uvit_empath)')
+        check_condition_trained(comp.nnet, f'mode {mode}', allow_untrained_condition)
         inputs.update(encode_speaker(comp, ctx, n_samples, image, prompt))
     else:
         if conditional:  # a fine-tuned network without a speaker turn is a plain UniDiffuser

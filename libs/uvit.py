@@ -388,6 +388,9 @@ def load_nnet_weights(model: UViT, path: str, log=None) -> List[str]:
         new = []  # a fine-tuned checkpoint must carry the whole condition segment
     problems = describe_mismatch({k: s for k, s in expected.items() if k not in new},
                                  {k: v.shape for k, v in sd.items()})
+    if problems and any('.lora_' in k for k in sd):
+        from libs.lora import checkpoint_hint
+        raise UserError(checkpoint_hint(path))
     if problems:
         raise UserError(f'U-ViT checkpoint {path} does not fit the configured model ({problems}). '
                         'Check config.nnet (name, embed_dim, depth, text_dim, ...) against the checkpoint.')

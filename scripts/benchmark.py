@@ -25,7 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'configs')]
 
 import torch  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from libs import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('size', 'mid', ['tiny', 'mid', 'full'], 'tiny test components, the CPU-sized mid U-ViT or the '
@@ -448,23 +450,21 @@ def defaults(size):
 
 def main(argv):
     del argv
-    from libs import modes, pipeline
+    from libs import modes, pipeline, precision
     from libs.errors import UserError
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        modes_, precisions, steps, repeats, max_minutes = defaults(FLAGS.size)
-        if FLAGS.clock == 'process' and device.type == 'cuda':
-            raise UserError('--clock=process counts CPU time, not GPU work: use the default --clock=wall on a GPU')
-        if FLAGS.size == 'full' and device.type != 'cuda' and not (FLAGS.forward_only or FLAGS.profile):
-            raise UserError('--size=full samples for hours on a CPU: add --forward_only, or use --size=mid')
-        batches = [int(b) for b in FLAGS.batches.split(',')]
-        config = bench_config(FLAGS.size)
-        steps = steps or config.sample.sample_steps
-        nets = {'v1': build_components(config, device, 'uvit_multi_post_ln_v1'),
-                'empath': build_components(config, device, 'uvit_empath')}
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    modes_, precisions, steps, repeats, max_minutes = defaults(FLAGS.size)
+    if FLAGS.clock == 'process' and device.type == 'cuda':
+        raise UserError('--clock=process counts CPU time, not GPU work: use the default --clock=wall on a GPU')
+    if FLAGS.size == 'full' and device.type != 'cuda' and not (FLAGS.forward_only or FLAGS.profile):
+        raise UserError('--size=full samples for hours on a CPU: add --forward_only, or use --size=mid')
+    for name in precisions:
+        precision.resolve(name, device)  # a wrong name fails before anything is built
+    batches = [int(b) for b in FLAGS.batches.split(',')]
+    config = bench_config(FLAGS.size)
+    steps = steps or config.sample.sample_steps
+    nets = {'v1': build_components(config, device, 'uvit_multi_post_ln_v1'),
+            'empath': build_components(config, device, 'uvit_empath')}
     budget, started = Budget(max_minutes), time.monotonic()
     params = sum(p.numel() for p in nets['empath'].nnet.parameters()) / 1e6
     print(f'\n{FLAGS.size} U-ViT ({params:.1f}M parameters with the EmpathDiffuser additions, '
@@ -500,4 +500,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    cli.run(main)

@@ -140,7 +140,7 @@ def train_empath(config, flag, folder):
     return dict(commands=[line], nnet=final_nnet(config), curve=curve)
 
 
-def evaluate(config, flag, folder, nnet_path):
+def evaluate(config, flag, folder, nnet_path, untrained=False):
     """eval_avamerg.py on the first held-out pairs; FID only if the standard Inception-v3 weights are here."""
     from libs import demo, metrics
     from libs.errors import UserError
@@ -154,9 +154,9 @@ def evaluate(config, flag, folder, nnet_path):
     cfg = config.demo.eval
     line = command('eval_avamerg.py', flag, f'--nnet_path={nnet_path}', f'--features={config.data.test}',
                    f'--output_path={folder}', f'--limit={cfg.pairs}', f'--batch_size={cfg.batch_size}',
-                   *(['--skip_fid'] if fid_note else []))
+                   *(['--skip_fid'] if fid_note else []), *(['--allow_untrained_condition'] if untrained else []))
     summary = eval_avamerg.evaluate(config, nnet_path, 'test', config.data.test, cfg.pairs, fid_note is not None,
-                                    folder, cfg.batch_size)
+                                    folder, cfg.batch_size, allow_untrained_condition=untrained)
     majority = demo.majority_rates(demo.read_jsonl(os.path.join(folder, 'pairs.jsonl')))
     return dict(commands=[line], metrics=summary['metrics'], majority=majority, fid_skipped_because=fid_note,
                 settings={k: summary[k] for k in ('checkpoint', 'samples', 'sample_steps', 'guidance_scale', 'seed')})
@@ -172,7 +172,7 @@ def evaluate_untrained(config, flag, folder):
     from libs import demo
     nnet = os.path.join(folder, 'nnet_init.safetensors')
     demo.export_initial_nnet(config, nnet)
-    return evaluate(config, flag, folder, nnet)
+    return evaluate(config, flag, folder, nnet, untrained=True)
 
 
 def classify_expressions(config, flag, folder):
@@ -247,4 +247,5 @@ if __name__ == '__main__':
     # Set before torch loads (here and in the tools the demo starts, which inherit the environment).
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
-    sys.exit(main())
+    from libs import cli
+    sys.exit(cli.call(main))

@@ -15,7 +15,7 @@ from libs.autoencoder import (FrozenAutoencoderKL, center_crop_resize, ldm_state
 from libs.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference', 'autoencoder_kl.keys.json')
+REFERENCE = os.path.join(ROOT, 'tests', 'fixtures', 'autoencoder_kl.keys.json')  # see tests/fixtures/README.md
 # Four levels like SD (so the spatial factor is 8), few channels; a non-default scale proves it is read.
 TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
             layers_per_block=1, norm_num_groups=4, scale_factor=0.25)
@@ -93,7 +93,7 @@ def _ldm_decode(sd, z):
     return _conv(F.silu(_gn(h, sd, 'decoder.norm_out')), sd, 'decoder.conv_out', padding=1)
 
 
-@pytest.mark.skipif(not os.path.isfile(REFERENCE), reason='../shared/reference is not beside the repo')
+@pytest.mark.reference
 def test_full_size_layout_equals_official_checkpoint():
     with torch.device('meta'):
         model = FrozenAutoencoderKL(sd_vae_config())

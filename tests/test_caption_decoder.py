@@ -16,8 +16,7 @@ from libs.caption_decoder import (EOS_TOKEN, Beams, CaptionDecoder, build_tiny_g
 from libs.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference')
-needs_reference = pytest.mark.skipif(not os.path.isdir(REFERENCE), reason='../shared/reference is not beside the repo')
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')  # official layouts, see tests/fixtures/README.md
 TINY = dict(hidden_dim=8, gpt2=dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=-1))
 PREFIX_LEN = 5
 TEXTS = ['I am so sorry to hear that, how are you holding up?', 'That sounds wonderful, congratulations!',
@@ -46,9 +45,9 @@ def random_decoder(tokenizer, seed, eos_boost=0.0, dtype=torch.float64):
     return decoder
 
 
-@needs_reference
+@pytest.mark.reference
 def test_official_key_layout():
-    with open(os.path.join(REFERENCE, 'caption_decoder.keys.json')) as f:
+    with open(os.path.join(FIXTURES, 'caption_decoder.keys.json')) as f:
         official = json.load(f)
     with torch.device('meta'):
         decoder = CaptionDecoder(unidiffuser('v1').caption_decoder)

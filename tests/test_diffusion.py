@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from libs.diffusion import (SAMPLERS, NoiseScheduleVP, Schedule, cfg, cfg_two_scale, dpm_solver_pp_2m,
-                            dpm_solver_pp_fast, fast_orders, get_sampler, interp, modality_losses, mse_per_sample,
-                            stable_diffusion_betas)
+from libs.diffusion import (SAMPLERS, NoiseScheduleVP, Schedule, _setup, _update_1, cfg, cfg_two_scale,
+                            dpm_solver_pp_2m, dpm_solver_pp_fast, fast_orders, get_sampler, interp, modality_losses,
+                            mse_per_sample, stable_diffusion_betas)
 from libs.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, '..', 'shared', 'reference', 'fixtures')
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')  # outputs of the official code, see tests/fixtures/README.md
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 BETAS = stable_diffusion_betas()
 N = len(BETAS)
@@ -222,11 +222,10 @@ def test_noise_schedule_vp_matches_discrete_schedule():
 # Samplers
 # ----------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.reference
 @pytest.mark.parametrize('device', DEVICES)
 def test_fast_sampler_reproduces_official_fixture(device):
     path = os.path.join(FIXTURES, 'dpm_solver_fast.safetensors')
-    if not os.path.isdir(FIXTURES):
-        pytest.skip(f'reference fixtures not found at {os.path.normpath(FIXTURES)} (shared/ beside the repo)')
     from safetensors import safe_open
     with safe_open(path, 'pt') as f:
         assert 'tanh(x @ W)' in f.metadata()['model']
@@ -293,29 +292,59 @@ def gaussian_problem(mu, s):
     return eps_fn, flow
 
 
-def gaussian_error(name, steps, skip_type):
-    """Max error of a sampler against the exact flow for Gaussian data N(mu, 0.5²)."""
+def ddim(model_fn, x, schedule, steps, t_start=None, t_end=None, skip_type='time_uniform'):
+    """First-order DPM-Solver++ (DDIM) on the samplers' grid: the wrong sampler the accuracy tests must reject."""
+    x, ts, x0_fn = _setup(model_fn, x, schedule, steps, t_start, t_end, skip_type)
+    for i in range(steps):
+        x = _update_1(schedule, x0_fn, x, ts[i:i + 1], ts[i + 1:i + 2], x0_fn(x, ts[i:i + 1]))
+    return x
+
+
+def gaussian_error(sampler, steps, skip_type, t_end=1. / N):
+    """Max error of a sampler (a name or a function) against the exact flow from T = 1 to t_end for Gaussian data
+    N(mu, 0.5²)."""
     mu = torch.tensor([1.5, -0.7, 0.2, 3.0], dtype=torch.float64)
     eps_fn, flow = gaussian_problem(mu, s=0.5)
     x_T = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    out = get_sampler(name)(eps_fn, x_T, NoiseScheduleVP(BETAS, dtype=torch.float64), steps, skip_type=skip_type)
-    return (out - flow(x_T, 1., 1. / N)).abs().max().item()
+    sampler = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    out = sampler(eps_fn, x_T, NoiseScheduleVP(BETAS, dtype=torch.float64), steps, t_end=t_end, skip_type=skip_type)
+    return (out - flow(x_T, 1., t_end)).abs().max().item()
 
 
+# Measured errors (max over 8 samples), solver vs DDIM on the same grid: fast logSNR 20 steps 5.0e-05 vs 8.1e-02,
+# 100 steps 7.1e-07 vs 1.7e-02, time-uniform 50 steps 1.6e-02 vs 5.4e-02; 2M logSNR 50 steps 1.0e-03 vs 3.3e-02,
+# 200 steps 6.4e-05 vs 8.4e-03. Each tolerance lies between the two. On the time-uniform grid the last step to
+# t = 1/N spans a large λ range and dominates the endpoint error, so 2M ends about as far off as DDIM there
+# (4.7e-02): its order is checked away from the end (test_time_uniform_grid_convergence_order).
 @pytest.mark.parametrize('name, skip_type, steps, tol', [
     ('dpm_solver_fast', 'logSNR', 20, 2e-4), ('dpm_solver_fast', 'logSNR', 100, 5e-6),
-    ('dpm_solver_fast', 'time_uniform', 50, 5e-2), ('dpm_solver_2m', 'logSNR', 50, 3e-3),
-    ('dpm_solver_2m', 'logSNR', 200, 2e-4), ('dpm_solver_2m', 'time_uniform', 50, 1e-1)])
+    ('dpm_solver_fast', 'time_uniform', 50, 3e-2), ('dpm_solver_2m', 'logSNR', 50, 3e-3),
+    ('dpm_solver_2m', 'logSNR', 200, 2e-4)])
 def test_samplers_land_on_exact_gaussian_answer(name, skip_type, steps, tol):
     err = gaussian_error(name, steps, skip_type)
     assert err < tol, f'{name} ({skip_type}, {steps} steps) misses the exact answer by {err:.2e}'
+    assert gaussian_error(ddim, steps, skip_type) > 1.5 * tol  # the tolerance rejects a first-order sampler
+
+
+def halving_ratios(sampler, t_end, steps=(12, 24, 48)):
+    """Error reduction factors on a time-uniform grid to t_end when the number of steps doubles."""
+    errors = [gaussian_error(sampler, n, 'time_uniform', t_end) for n in steps]
+    return [a / b for a, b in zip(errors, errors[1:])], errors
 
 
 @pytest.mark.parametrize('name', sorted(SAMPLERS))
-def test_samplers_converge_on_time_uniform_grid(name):
-    # The official time-uniform grid converges slowly (its last step spans a large λ range), but it converges.
-    errors = [gaussian_error(name, steps, 'time_uniform') for steps in (10, 25, 50, 100)]
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+def test_time_uniform_grid_convergence_order(name):
+    """On the official time-uniform grid both samplers are (at least) second order: doubling the steps divides the
+    error by about 4 (measured 3.9-4.2), where DDIM only halves it (measured 1.98-2.00). Away from t = 1/N (here
+    t_end = 0.2) the last step does not dominate, so the order shows; fast ends on a first-order step, hence 2."""
+    ratios, errors = halving_ratios(name, 0.2)
+    assert min(ratios) > 3., (ratios, errors)
+    assert errors[-1] < 3e-3, errors  # measured: fast 9.0e-04, 2M 2.7e-04; DDIM 9.3e-03
+    ddim_ratios, ddim_errors = halving_ratios(ddim, 0.2)
+    assert max(ddim_ratios) < 2.5 and ddim_errors[-1] > 3e-3, (ddim_ratios, ddim_errors)
+    # At the official end t = 1/N the error still falls as the grid refines.
+    ends = [gaussian_error(name, steps, 'time_uniform') for steps in (10, 25, 50, 100)]
+    assert all(a > b for a, b in zip(ends, ends[1:])), ends
 
 
 def test_state_stays_float32_with_bf16_model_and_any_trailing_shape():

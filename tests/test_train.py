@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train_empath
 from configs.avamerg_tiny import get_config
-from libs import trainer
+from libs import cli, trainer
 from libs.avamerg import EMOTIONS_32, coarse_index
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
@@ -348,13 +348,27 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path):
 
 KILL_DURING_SAVE = '''
 import os, runpy, signal, sys
-from libs import trainer
+from libs import cli, trainer
 export = trainer.export_nnet
 def export_then_die(state_dict, path, config, step):
     export(state_dict, path, config, step)
     if step == {step}:   # the first file of the checkpoint is written, the rest is not
         os.kill(os.getpid(), signal.SIGKILL)
 trainer.export_nnet = export_then_die
+sys.argv = ['train_empath.py'] + sys.argv[1:]
+runpy.run_path('train_empath.py', run_name='__main__')
+'''
+# SIGKILL in the middle of a training step (after its optimizer update, before its EMA update and logging): the
+# kill lands at the same point of every run, however fast the machine is.
+KILL_DURING_STEP = '''
+import os, runpy, signal, sys
+from libs import trainer
+decay = trainer.ema_decay
+def die_at_step(step, rate):
+    if step + 1 == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decay(step, rate)
+trainer.ema_decay = die_at_step
 sys.argv = ['train_empath.py'] + sys.argv[1:]
 runpy.run_path('train_empath.py', run_name='__main__')
 '''
@@ -369,13 +383,12 @@ def test_sigkill_and_resume_is_bit_identical(tiny_root, tmp_path):
     workdir = tmp_path / 'killed'
     args = [f'--config=configs/avamerg_tiny.py:{tiny_root}', f'--config.workdir={workdir}', *overrides(common)]
     run = os.path.join(workdir, reference.name)
-    # 1. Kill from outside as soon as the first checkpoint exists.
-    proc = subprocess.Popen([sys.executable, 'train_empath.py', *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not os.path.isdir(os.path.join(run, 'ckpts', '10.ckpt')) and proc.poll() is None:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    # 1. SIGKILL during step 17: checkpoint 10 is complete and the metrics of step 15 are logged after it.
+    died = subprocess.run([sys.executable, '-c', KILL_DURING_STEP.format(step=17), *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    assert trainer.checkpoints(run) == [10]
+    assert [m['step'] for m in read_metrics(run) if 'loss' in m] == [5, 10, 15]
     # 2. Resume, and die while writing the step-30 checkpoint.
     died = subprocess.run([sys.executable, '-c', KILL_DURING_SAVE.format(step=30), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
@@ -464,15 +477,15 @@ def test_nonfinite_guard_stops_with_exit_code_and_skips_updates(tiny_root, tmp_p
     poison_from(monkeypatch, 3)
     argv = ['train_empath.py', f'--config=configs/avamerg_tiny.py:{tiny_root}', f'--config.workdir={tmp_path}',
             *overrides(dict(n_steps=20, log_every=1, val_every=0, ckpt_every=2, keep_last=5, max_nonfinite=3))]
-    monkeypatch.setattr(sys, 'argv', argv)   # config_flags reads its --config.* overrides from sys.argv
-    if 'config' not in train_empath.FLAGS:  # the script defines its flags only when run as a script
-        train_empath.define_flags()
-    train_empath.FLAGS(argv)
+    defined = set(train_empath.FLAGS)
+    train_empath.define_flags()  # the script defines its flags only when run as a script
     try:
         with pytest.raises(SystemExit) as exit_info:
-            train_empath.main([])
+            cli.run(train_empath.main, argv)   # the script's error path: parse, run, exit code
     finally:
         train_empath.FLAGS.unparse_flags()
+        for name in set(train_empath.FLAGS) - defined:
+            delattr(train_empath.FLAGS, name)
     assert exit_info.value.code == trainer.DIVERGED_EXIT_CODE
     run = os.path.join(tmp_path, 'avamerg_tiny')
     assert '3 consecutive non-finite steps' in open(os.path.join(run, 'log.txt')).read()

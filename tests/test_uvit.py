@@ -9,9 +9,7 @@ import torch.nn.functional as F
 from libs.errors import UserError
 from libs.uvit import NETS, UViT, build_nnet, load_nnet_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.path.join(ROOT, '..', 'shared', 'reference')
-needs_reference = pytest.mark.skipif(not os.path.isdir(REFERENCE), reason='../shared/reference is not beside the repo')
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')  # see fixtures/README.md
 
 FULL_V1 = dict(img_size=64, in_chans=4, patch_size=2, embed_dim=1536, depth=30, num_heads=24, mlp_ratio=4,
                qkv_bias=False, pos_drop_rate=0., drop_rate=0., attn_drop_rate=0., mlp_time_embed=False, text_dim=64,
@@ -21,11 +19,11 @@ TINY = dict(img_size=8, in_chans=4, patch_size=2, embed_dim=32, depth=4, num_hea
 
 
 def key_shapes(name):
-    with open(os.path.join(REFERENCE, f'{name}.keys.json')) as f:
+    with open(os.path.join(FIXTURES, f'{name}.keys.json')) as f:
         return {k: tuple(v) for k, v in json.load(f).items()}
 
 
-@needs_reference
+@pytest.mark.reference
 @pytest.mark.parametrize('net,ref', [('uvit_multi_post_ln_v1', 'uvit_v1'), ('uvit_multi_post_ln', 'uvit_v0')])
 def test_official_layout_full_size_meta(net, ref):
     with torch.device('meta'):
@@ -34,7 +32,7 @@ def test_official_layout_full_size_meta(net, ref):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(952.5e6, rel=2e-3)
 
 
-@needs_reference
+@pytest.mark.reference
 def test_empath_model_is_official_plus_condition_keys():
     with torch.device('meta'):
         model = build_nnet(dict(FULL_V1, name='uvit_empath'))
@@ -48,14 +46,14 @@ def test_empath_model_is_official_plus_condition_keys():
 
 def fixture():
     from safetensors import safe_open
-    with safe_open(os.path.join(REFERENCE, 'fixtures', 'uvit_v1_tiny.safetensors'), 'pt') as f:
+    with safe_open(os.path.join(FIXTURES, 'uvit_v1_tiny.safetensors'), 'pt') as f:
         config = json.loads(f.metadata()['config'])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return config, pick('param.'), pick('input.'), pick('output.')
 
 
-@needs_reference
+@pytest.mark.reference
 def test_reproduces_official_v1_forward_fixture():
     config, params, inputs, outputs = fixture()
     model = build_nnet(dict(config, name='uvit_multi_post_ln_v1')).eval()
@@ -65,6 +63,21 @@ def test_reproduces_official_v1_forward_fixture():
                     inputs['data_type'])
     for got, name in zip(out, ('img', 'clip_img', 'text')):
         torch.testing.assert_close(got, outputs[name], atol=1e-5, rtol=1e-5)
+
+
+def bilinear_resize(grid, out_hw):
+    """(1, C, H, W) -> (1, C, h, w): bilinear with half-pixel centres and edge clamping, written out.
+
+    This is what the official ``interpolate_pos_emb`` gets from ``F.interpolate(mode='bilinear')`` (align_corners
+    left at its default, False): output pixel i samples the input at (i + 0.5) · in / out − 0.5, clamped at 0.
+    """
+    def taps(n_in, n_out):
+        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).float()
+    (y0, y1, wy), (x0, x1, wx) = taps(grid.shape[2], out_hw[0]), taps(grid.shape[3], out_hw[1])
+    rows = grid[:, :, y0] * (1 - wy)[:, None] + grid[:, :, y1] * wy[:, None]      # (1, C, h, W)
+    return rows[:, :, :, x0] * (1 - wx) + rows[:, :, :, x1] * wx                  # (1, C, h, w)
 
 
 def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=None, cond=None):
@@ -107,7 +120,7 @@ def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=
         g0, (Hh, Ww) = cfg['img_size'] // p, img.shape[2:]
         if (Hh // p, Ww // p) != (g0, g0):
             grid = pos_patch.reshape(1, g0, g0, D).permute(0, 3, 1, 2)
-            pos_patch = F.interpolate(grid, (Hh // p, Ww // p), mode='bilinear').permute(0, 2, 3, 1).reshape(1, -1, D)
+            pos_patch = bilinear_resize(grid, (Hh // p, Ww // p)).permute(0, 2, 3, 1).reshape(1, -1, D)
         if data_type is not None:
             toks.append(params['token_embedding.weight'][data_type][:, None])
             head = torch.cat([head[:, :2], params['pos_embed_token'], head[:, 2:]], 1)
@@ -146,7 +159,8 @@ def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=
 def random_inputs(cfg, batch=3, latent=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     size = latent or cfg['img_size']
-    return dict(img=torch.randn(batch, cfg['in_chans'], size, size, generator=g),
+    h, w = (size, size) if isinstance(size, int) else size
+    return dict(img=torch.randn(batch, cfg['in_chans'], h, w, generator=g),
                 clip_img=torch.randn(batch, 1, cfg['clip_img_dim'], generator=g),
                 text=torch.randn(batch, cfg['num_text_tokens'], cfg['text_dim'], generator=g),
                 t_img=torch.tensor([0., 437.5, 1000.][:batch]), t_text=torch.tensor([1000., 12., 0.][:batch]))
@@ -161,33 +175,53 @@ def randomize(model, seed=0):
 
 
 @pytest.mark.parametrize('net', ['uvit_multi_post_ln', 'uvit_multi_post_ln_v1'])
-@pytest.mark.parametrize('latent', [8, 4, 12])
-def test_matches_independent_official_forward(net, latent):
-    """v0 and v1, at the default and at other latent sizes (positional-embedding interpolation)."""
+@pytest.mark.parametrize('latent', [8, 4, 12, 10, (8, 12)])
+def test_matches_independent_official_forward(net, latent, monkeypatch):
+    """v0 and v1, at the default and at other latent sizes (positional-embedding interpolation, also to grids
+    whose size is not a multiple of the default one and to a non-square grid)."""
+    import libs.uvit
     model = randomize(build_nnet(dict(TINY, name=net))).eval()
     x = random_inputs(TINY, latent=latent)
     dt = torch.tensor([0, 1, 1]) if NETS[net]['use_data_type'] else None
     params = dict(model.state_dict())
+    resized = []
+    real = libs.uvit.interpolate_pos_embed
+    monkeypatch.setattr(libs.uvit, 'interpolate_pos_embed', lambda *a: resized.append(a[1:]) or real(*a))
     with torch.no_grad():
         got = model(**x, data_type=dt)
         want = official_forward(params, TINY, **x, data_type=dt)
+    grid = tuple(n // TINY['patch_size'] for n in x['img'].shape[2:])
+    assert resized == ([] if latent == 8 else [((4, 4), grid)])  # the interpolation path is really taken
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def speaker(cfg, batch=3, seed=1):
-    x = random_inputs(cfg, batch, seed=seed)
+@pytest.mark.parametrize('new_hw', [(2, 2), (6, 6), (5, 5), (3, 7), (8, 4)])
+def test_position_interpolation_is_the_official_bilinear(new_hw):
+    """interpolate_pos_embed against the written-out bilinear rule; a corner-aligned resize differs."""
+    from libs.uvit import interpolate_pos_embed
+    pos = torch.randn(1, 4 * 4, 6, generator=torch.Generator().manual_seed(0))
+    got = interpolate_pos_embed(pos, (4, 4), new_hw)
+    want = bilinear_resize(pos.reshape(1, 4, 4, 6).permute(0, 3, 1, 2), new_hw).permute(0, 2, 3, 1).reshape(1, -1, 6)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    corners = F.interpolate(pos.reshape(1, 4, 4, 6).permute(0, 3, 1, 2), new_hw, mode='bilinear', align_corners=True)
+    assert not torch.allclose(got, corners.permute(0, 2, 3, 1).reshape(1, -1, 6), atol=1e-3)
+
+
+def speaker(cfg, batch=3, seed=1, latent=None):
+    x = random_inputs(cfg, batch, latent=latent, seed=seed)
     x['t_img'] = torch.tensor([0., 1000., 0.][:batch])
     x['t_text'] = torch.tensor([0., 0., 1000.][:batch])
     return x
 
 
-@pytest.mark.parametrize('latent', [8, 4])
+@pytest.mark.parametrize('latent', [8, 4, 12])
 def test_gated_prefix_attention_matches_independent_reference_and_cache(latent):
-    """The conditional forward equals the written-out gated reference (random, non-zero gates), cached or not."""
+    """The conditional forward equals the written-out gated reference (random, non-zero gates), cached or not, with
+    the speaker's face at the response's latent size (its positions interpolated too)."""
     model = randomize(build_nnet(dict(TINY, name='uvit_empath'))).eval()
-    x, cond, dt = random_inputs(TINY, latent=latent), speaker(TINY), torch.tensor([1, 1, 0])
+    x, cond, dt = random_inputs(TINY, latent=latent), speaker(TINY, latent=latent), torch.tensor([1, 1, 0])
     with torch.no_grad():
         uncached = model(**x, data_type=dt, cond=cond)
         cached = model(**x, data_type=dt, cond_cache=model.encode_condition(cond))
