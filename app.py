@@ -26,7 +26,7 @@ import torch
 from absl import flags
 from ml_collections import config_flags
 
-from libs import cli, modes, pipeline
+from libs import cli, modes, pipeline, precision
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,9 @@ def run(comp, mode, settings, n_samples=1, prompt=None, image=None):
     ctx = pipeline.make_context(request, torch.Generator(comp.device).manual_seed(config.seed))
     start = time.perf_counter()
     result = pipeline.generate(request, ctx, mode, n_samples, prompt=prompt, image=image)
-    note = (f'{time.perf_counter() - start:.1f} s on {comp.device.type} ({config.sample.sample_steps} steps, '
+    # A reduced precision is named (e.g. 's on cpu in bf16'); fp32 is the unnamed default.
+    reduced = '' if ctx.autocast_dtype is None else f' in {precision.name_of(ctx.autocast_dtype)}'
+    note = (f'{time.perf_counter() - start:.1f} s on {comp.device.type}{reduced} ({config.sample.sample_steps} steps, '
             f'{guidance_note(config, mode)}, seed {config.seed})')
     return result, note
 

@@ -40,7 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import avamerg, cli, config_check, figures, logs, metrics, modes, runlock
+from libs import avamerg, cli, config_check, figures, logs, metrics, modes, precision, runlock
 from libs.avamerg import COARSE_7, EMOTIONS_32, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
@@ -52,7 +52,6 @@ RECORDS, SETTINGS, PART = 'pairs.jsonl', 'settings.json', 'pairs.rank{}.jsonl'
 SWEEP = 'sweep'  # sweep.json, sweep.md, sweep.png and sweep_nfe.png beside the setting folders
 GRID_ROWS = 8  # pairs shown in grid.png
 TIMING = ('seconds',)  # the record fields that are measurements of this machine, not results
-AUTOCAST_NAMES = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 # The columns of the sweep table: (key in a sweep row, heading); SWEEP_FIGURE: the panels of the figures.
 SWEEP_COLUMNS = (('fid', 'FID'), ('bleu1', 'BLEU-1'), ('bleu2', 'BLEU-2'), ('bleu3', 'BLEU-3'), ('bleu4', 'BLEU-4'),
                  ('sentence_bleu1', 'sent. BLEU-1'), ('sentence_bleu2', 'sent. BLEU-2'),
@@ -462,8 +461,8 @@ def run_settings(ev, config, ctx):
     return dict(checkpoint=location(ev.nnet_path), split=ev.split, source=os.path.abspath(ev.source.root),
                 caption_decoder=location(config.caption_decoder.pretrained_path), **guidance,
                 sample_steps=int(ctx.steps), sampler=config.sample.sampler, skip_type=config.sample.skip_type,
-                seed=config.seed, precision=config.sample.get('precision'),  # the setting; None in configs without it
-                autocast=AUTOCAST_NAMES.get(ctx.autocast_dtype, str(ctx.autocast_dtype)))  # the dtype that ran
+                seed=config.seed, precision=config.sample.precision,  # the setting ('auto', ...)
+                autocast=precision.name_of(ctx.autocast_dtype))  # what ran
 
 
 def evaluate_setting(ev, config, out):

@@ -5,10 +5,10 @@
         --config=configs/avamerg_empath.py --nnet_path=workdir/run/nnet_ema.safetensors
 
 Outputs go to ``<output_path>/<mode>/``: ``<i>.png`` and ``grid.png`` for images, ``<mode>.txt`` (``prompts.txt``
-in joint mode) for texts, and ``samples.json`` with the inputs, settings, seed, outputs, time and memory. The folder
-is assembled aside and moved into place only when complete, so a failed run never leaves half an output. The
-empath modes refuse a network whose speaker segment is untrained (e.g. an official UniDiffuser checkpoint) unless
-``--allow_untrained_condition`` is given.
+in joint mode) for texts, and ``samples.json`` with the inputs, settings, the precision that ran, seed, outputs, time
+and memory. The folder is assembled aside and moved into place only when complete, so a failed run never leaves half
+an output. The empath modes refuse a network whose speaker segment is untrained (e.g. an official UniDiffuser
+checkpoint) unless ``--allow_untrained_condition`` is given.
 """
 import json
 import os
@@ -21,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from libs import cli, config_check, logs, modes, pipeline
+from libs import cli, config_check, logs, modes, pipeline, precision
 from libs.errors import UserError
 from libs.io import atomic_replace_dir, writing
 
@@ -112,6 +112,7 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
                 img=img if {'img', 'speaker'} & set(needs) else None)
     record = dict(mode=mode, inputs=used, n_samples=n_samples, seed=config.seed,
                   nnet_path=nnet_path or config.nnet_path, settings=config.sample.to_dict(),
+                  precision=precision.name_of(ctx.autocast_dtype),  # what ran (settings.precision may say 'auto')
                   seconds_per_sample=round(seconds / n_samples, 3),
                   peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),
                   device=str(device))
@@ -142,7 +143,8 @@ def main(argv):
     logs.setup(FLAGS.verbose)
     record = sample(FLAGS.config, FLAGS.mode, FLAGS.prompt, FLAGS.img, FLAGS.n_samples, FLAGS.nrow, FLAGS.output_path,
                     FLAGS.nnet_path, FLAGS.allow_untrained_condition)
-    print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample, '
+    print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample '
+          f'({record["precision"]}), '
           f'peak memory {record["peak_memory_gb"]:.2f} GB -> {os.path.join(FLAGS.output_path, FLAGS.mode)}')
     for line in emotion_lines(record['outputs']['emotions']):
         print(line)

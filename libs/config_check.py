@@ -95,8 +95,8 @@ def _registries() -> Dict[str, tuple]:
     """The valid names of the registries the configs refer to."""
     from accelerate.utils import LoggerType
 
-    from libs import avamerg, diffusion, modes, uvit
-    return dict(nets=tuple(uvit.NETS), samplers=tuple(diffusion.SAMPLERS), skip_types=tuple(diffusion.SKIP_TYPES),
+    from libs import avamerg, diffusion, modes, precision, uvit
+    return dict(nets=tuple(uvit.NETS), precisions=precision.PRECISIONS, samplers=tuple(diffusion.SAMPLERS), skip_types=tuple(diffusion.SKIP_TYPES),
                 loss_weightings=tuple(diffusion.LOSS_WEIGHTINGS), speaker_guidance=tuple(modes.SPEAKER_GUIDANCE),
                 speaker_text=tuple(avamerg.SPEAKER_TEXT_MODES), trackers=('', *(t.value for t in LoggerType)))
 
@@ -108,12 +108,13 @@ RULES = {
         'mixed_precision': choice('no', 'fp16', 'bf16'), 'autoencoder.scale_factor': number(0, low_open=True),
         'nnet.name': registry('nets'), 'nnet.embed_dim': integer(1), 'nnet.depth': integer(1),
         'nnet.num_heads': integer(1), 'nnet.patch_size': integer(1), 'nnet.img_size': integer(1),
+        'nnet.compile': boolean(),
     },
     'sample': {
         'sample.sample_steps': integer(1), 'sample.scale': number(), 'sample.sampler': registry('samplers'),
         'sample.skip_type': registry('skip_types'), 'sample.t2i_cfg_mode': choice('true_uncond', 'empty_token'),
         'sample.speaker_guidance': registry('speaker_guidance'), 'sample.scale_text': number(),
-        'sample.scale_face': number(),
+        'sample.scale_face': number(), 'sample.precision': registry('precisions'),
     },
     'train': {
         'workdir': text(empty=False), 'name': text(empty=False), 'log_with': registry('trackers'),

@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 from PIL import Image
 
-from libs import modes
+from libs import modes, precision
 from libs.diffusion import NoiseScheduleVP, get_sampler, stable_diffusion_betas
 from libs.errors import UserError
 from libs.uvit import UViT, build_nnet, checkpoint_config, load_nnet_weights
@@ -56,6 +56,8 @@ def load_components(config, device, nnet_path=None, need_images=True, need_text=
     nnet = build_nnet((checkpoint_config(hub.local_path(nnet_path)) or config).get('nnet'))
     load_nnet_weights(nnet, nnet_path, logger)
     comp = Components(config, device, nnet.to(device).eval().requires_grad_(False))
+    if config.nnet.compile:
+        compile_nnet(comp.nnet)
     cd = config.caption_decoder
     comp.caption_decoder = load_caption_decoder(cd.pretrained_path, cd.tokenizer, cd.local_files_only, config=cd,
                                                 device=device)
@@ -72,11 +74,21 @@ def load_components(config, device, nnet_path=None, need_images=True, need_text=
     return comp
 
 
+def compile_nnet(nnet: UViT) -> UViT:
+    """``torch.compile`` the U-ViT's forward in place (``config.nnet.compile``); the first call of each shape compiles.
+
+    Only the per-step forward is compiled; ``encode_condition`` runs once per sample and stays eager.
+    """
+    nnet.compile()
+    return nnet
+
+
 def make_context(comp: Components, generator: torch.Generator) -> modes.Context:
-    """The sampling context of ``libs.modes`` from the config's ``sample`` section."""
+    """The sampling context of ``libs.modes`` from the config's ``sample`` section (precision resolved and logged)."""
     config = comp.config
     betas = stable_diffusion_betas()
-    autocast = torch.bfloat16 if comp.device.type == 'cuda' and config.mixed_precision == 'bf16' else None
+    prec = precision.resolve(config.sample.precision, comp.device)
+    precision.log_precision(prec)
     ctx = modes.Context(
         nnet=comp.nnet,
         sampler=functools.partial(get_sampler(config.sample.sampler), skip_type=config.sample.skip_type),
@@ -84,7 +96,7 @@ def make_context(comp: Components, generator: torch.Generator) -> modes.Context:
         steps=config.sample.sample_steps, scale=config.sample.scale, z_shape=tuple(config.z_shape),
         clip_img_dim=config.clip_img_dim, text_shape=(config.num_text_tokens, config.text_dim),
         data_type=config.data_type if comp.nnet.use_data_type else None, t2i_cfg_mode=config.sample.t2i_cfg_mode,
-        generator=generator, device=comp.device, autocast_dtype=autocast,
+        generator=generator, device=comp.device, autocast_dtype=prec.dtype,
         speaker_guidance=config.sample.speaker_guidance, scale_text=config.sample.scale_text,
         scale_face=config.sample.scale_face)
     if ctx.t2i_cfg_mode not in ('true_uncond', 'empty_token'):
@@ -127,8 +139,7 @@ def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None):
         cond.update(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1), t_img=modes.full(ctx, B, 0))
     if text is not None:
         cond.update(text=text.expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
-    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
-                                         enabled=ctx.autocast_dtype is not None):
+    with torch.no_grad(), precision.autocast(ctx.device, ctx.autocast_dtype):
         return comp.nnet.encode_condition(cond)
 
 

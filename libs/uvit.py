@@ -334,6 +334,7 @@ def build_nnet(nnet_config) -> UViT:
     """Build a U-ViT from an ``nnet`` config (official keys plus ``name``); unknown names list the valid ones."""
     kwargs = dict(nnet_config)
     name = kwargs.pop('name', None)
+    kwargs.pop('compile', None)  # how the network runs, not what it is: libs.pipeline.compile_nnet applies it
     if name not in NETS:
         raise UserError(f'unknown nnet.name {name!r}; valid names: {", ".join(sorted(NETS))}')
     return UViT(**{**NETS[name], **kwargs})
