@@ -153,9 +153,13 @@ for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids
 for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
 ''',
     'scontrol': '#!/usr/bin/env bash\necho 127.0.0.1\n',
-    # rsync -a SRC... DEST/ as a plain recursive copy (rsync is not on every test machine).
+    # rsync -a SRC... DEST/ as a plain recursive copy (rsync is not on every test machine). The simulated nodes share
+    # one STAGE_DIR, so the copies take turns and the second finds the first's (as a real rsync would skip it).
     'rsync': '''#!/usr/bin/env bash
-shift; dest="${@: -1}"; for src in "${@:1:$#-1}"; do cp -r "$src" "$dest"; done
+shift; dest="${@: -1}"
+for src in "${@:1:$#-1}"; do
+    ( flock 9; [[ -e "$dest/$(basename "$src")" ]] || cp -r "$src" "$dest" ) 9>"$dest/.rsync.lock"
+done
 ''',
 }
 
