@@ -23,10 +23,10 @@ import sys
 import time
 
 import torch
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from libs import modes, pipeline
+from libs import cli, modes, pipeline, precision
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,9 @@ def run(comp, mode, settings, n_samples=1, prompt=None, image=None):
     ctx = pipeline.make_context(request, torch.Generator(comp.device).manual_seed(config.seed))
     start = time.perf_counter()
     result = pipeline.generate(request, ctx, mode, n_samples, prompt=prompt, image=image)
-    note = (f'{time.perf_counter() - start:.1f} s on {comp.device.type} ({config.sample.sample_steps} steps, '
+    # A reduced precision is named (e.g. 's on cpu in bf16'); fp32 is the unnamed default.
+    reduced = '' if ctx.autocast_dtype is None else f' in {precision.name_of(ctx.autocast_dtype)}'
+    note = (f'{time.perf_counter() - start:.1f} s on {comp.device.type}{reduced} ({config.sample.sample_steps} steps, '
             f'{guidance_note(config, mode)}, seed {config.seed})')
     return result, note
 
@@ -333,4 +335,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main, argv=sys.argv + shlex.split(os.environ.get(APP_ARGS, '')))
+    cli.run(main, argv=sys.argv + shlex.split(os.environ.get(APP_ARGS, '')))

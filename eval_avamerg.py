@@ -19,6 +19,9 @@ sweep.md (the table), sweep.png and sweep_nfe.png (the metrics against the scale
 
 Pairs without a gold response or label (a test split released without them) are generated like the others; a metric
 that needs gold is computed over the pairs that have it (the report says how many), or reported as not computable.
+
+The output folder is locked while an evaluation runs in it; a network whose speaker segment is untrained (e.g. an
+official UniDiffuser checkpoint) is refused unless ``--allow_untrained_condition`` is given.
 """
 import dataclasses
 import glob
@@ -29,7 +32,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -38,11 +40,11 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import avamerg, figures, logs, metrics, modes
+from libs import avamerg, cli, config_check, figures, logs, metrics, modes, precision, runlock
 from libs.avamerg import COARSE_7, EMOTIONS_32, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
-from libs.io import atomic_write_bytes, atomic_write_json, read_rgb
+from libs.io import atomic_write_bytes, atomic_write_json, read_rgb, writing
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,6 @@ RECORDS, SETTINGS, PART = 'pairs.jsonl', 'settings.json', 'pairs.rank{}.jsonl'
 SWEEP = 'sweep'  # sweep.json, sweep.md, sweep.png and sweep_nfe.png beside the setting folders
 GRID_ROWS = 8  # pairs shown in grid.png
 TIMING = ('seconds',)  # the record fields that are measurements of this machine, not results
-AUTOCAST_NAMES = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 # The columns of the sweep table: (key in a sweep row, heading); SWEEP_FIGURE: the panels of the figures.
 SWEEP_COLUMNS = (('fid', 'FID'), ('bleu1', 'BLEU-1'), ('bleu2', 'BLEU-2'), ('bleu3', 'BLEU-3'), ('bleu4', 'BLEU-4'),
                  ('sentence_bleu1', 'sent. BLEU-1'), ('sentence_bleu2', 'sent. BLEU-2'),
@@ -216,7 +217,8 @@ def write_batch(out, rank, pairs, indices, images, texts, probs, passes, seconds
         lines.append(json.dumps(dict(index=i, **pairs[i], generated=text, face=face, pred_label=pred,
                                      pred_emotion=EMOTIONS_32[pred], top3=top3, nfe=nfe, branches=branches,
                                      seconds=round(seconds / len(indices), 4)), ensure_ascii=False) + '\n')
-    with open(os.path.join(out, PART.format(rank)), 'a', encoding='utf-8') as f:
+    part = os.path.join(out, PART.format(rank))
+    with writing(part), open(part, 'a', encoding='utf-8') as f:
         f.write(''.join(lines))
         f.flush()
         os.fsync(f.fileno())
@@ -417,10 +419,13 @@ class Evaluation:
     batch_size: int
 
 
-def prepare(config, nnet_path=None, split='test', features=None, limit=None, skip_fid=False, batch_size=16):
-    """Load the networks and the split's speaker turns once for every setting (FID's network unless skip_fid)."""
+def prepare(config, output_path, nnet_path=None, split='test', features=None, limit=None, skip_fid=False,
+            batch_size=16, allow_untrained_condition=False):
+    """Lock output_path, load the networks and the split's speaker turns once for every setting (FID's network unless
+    skip_fid); called inside a ``@runlock.scope`` function, which holds the lock until it returns."""
     from accelerate import Accelerator
     from libs import hub, pipeline
+    config_check.check(config, 'model', 'sample')
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UserError(f'--batch_size={batch_size} and --limit={limit} must be at least 1')
     hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
@@ -429,9 +434,9 @@ def prepare(config, nnet_path=None, split='test', features=None, limit=None, ski
     inception_path = config.get('eval', {}).get('inception_path') or None
     # Before loading anything: FID needs the standard Inception network, or an explicit --skip_fid.
     inception = None if skip_fid else metrics.load_inception(inception_path).to(acc.device)
+    runlock.take(output_path, 'evaluation')
     comp = pipeline.load_components(config, acc.device, nnet_path, need_text=features is None)
-    if not comp.nnet.condition:
-        raise UserError(f'{nnet_path} is a {config.nnet.name} network; evaluation needs EmpathDiffuser (uvit_empath)')
+    pipeline.check_condition_trained(comp.nnet, f'evaluating {nnet_path}', allow_untrained_condition)
     source = FeatureSource(comp, config, split, features) if features else RawSource(comp, config, split)
     if source.reader is None:
         if inception is not None:
@@ -456,8 +461,8 @@ def run_settings(ev, config, ctx):
     return dict(checkpoint=location(ev.nnet_path), split=ev.split, source=os.path.abspath(ev.source.root),
                 caption_decoder=location(config.caption_decoder.pretrained_path), **guidance,
                 sample_steps=int(ctx.steps), sampler=config.sample.sampler, skip_type=config.sample.skip_type,
-                seed=config.seed, precision=config.sample.get('precision'),  # the setting; None in configs without it
-                autocast=AUTOCAST_NAMES.get(ctx.autocast_dtype, str(ctx.autocast_dtype)))  # the dtype that ran
+                seed=config.seed, precision=config.sample.precision,  # the setting ('auto', ...)
+                autocast=precision.name_of(ctx.autocast_dtype))  # what ran
 
 
 def evaluate_setting(ev, config, out):
@@ -525,10 +530,12 @@ def evaluate_setting(ev, config, out):
     return summary
 
 
+@runlock.scope
 def evaluate(config, nnet_path=None, split='test', features=None, limit=None, skip_fid=False, output_path='out/eval',
-             batch_size=16):
+             batch_size=16, allow_untrained_condition=False):
     """Evaluate the sampling setting of config.sample into output_path; returns metrics.json's dict (None off-main)."""
-    ev = prepare(config, nnet_path, split, features, limit, skip_fid, batch_size)
+    ev = prepare(config, output_path, nnet_path, split, features, limit, skip_fid, batch_size,
+                 allow_untrained_condition)
     return evaluate_setting(ev, config, output_path)
 
 
@@ -608,15 +615,17 @@ def write_sweep(out, rows, summaries):
                        os.path.join(out, f'{name}.png'))
 
 
+@runlock.scope
 def evaluate_sweep(config, scales=None, steps=None, nnet_path=None, split='test', features=None, limit=None,
-                   skip_fid=False, output_path='out/eval', batch_size=16):
+                   skip_fid=False, output_path='out/eval', batch_size=16, allow_untrained_condition=False):
     """Evaluate every (scale, steps) setting into output_path/<setting>/, then write the sweep table and figure.
 
     Every setting is evaluated exactly as `evaluate` with that config.sample.scale and sample_steps (same pairs, same
     per-pair noise, resumable by itself). Returns the table's rows on the main process, None on the others.
     """
     settings = sweep_configs(config, scales, steps)  # checked before anything is loaded
-    ev = prepare(config, nnet_path, split, features, limit, skip_fid, batch_size)
+    ev = prepare(config, output_path, nnet_path, split, features, limit, skip_fid, batch_size,
+                 allow_untrained_condition)
     summaries = [evaluate_setting(ev, setting, os.path.join(output_path, name)) for name, setting in settings]
     if not ev.acc.is_main_process:
         return None
@@ -641,6 +650,8 @@ def define_flags():
                       'per setting under --output_path, plus sweep.md / .json / .png / _nfe.png')
     flags.DEFINE_list('steps', None, 'sweep these step counts (config.sample.sample_steps), e.g. 10,20,50; with '
                       '--scales every combination')
+    flags.DEFINE_bool('allow_untrained_condition', False, 'evaluate even though the network\'s speaker segment is '
+                      'untrained (e.g. to score an untrained baseline: the speaker has no effect, emotions are random)')
     logs.define_flags()
 
 
@@ -662,17 +673,14 @@ def main(argv):
         raise app.UsageError('--config is required, e.g. --config=configs/avamerg_empath.py')
     logs.setup(args.verbose)
     common = dict(nnet_path=args.nnet_path, split=args.split, features=args.features, limit=args.limit,
-                  skip_fid=args.skip_fid, output_path=args.output_path, batch_size=args.batch_size)
-    try:
-        scales, steps = parse_list(args.scales, float, 'scales'), parse_list(args.steps, int, 'steps')
-        if scales or steps:
-            rows = evaluate_sweep(args.config, scales, steps, **common)
-            summary = None
-        else:
-            rows, summary = None, evaluate(args.config, **common)
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+                  skip_fid=args.skip_fid, output_path=args.output_path, batch_size=args.batch_size,
+                  allow_untrained_condition=args.allow_untrained_condition)
+    scales, steps = parse_list(args.scales, float, 'scales'), parse_list(args.steps, int, 'steps')
+    if scales or steps:
+        rows = evaluate_sweep(args.config, scales, steps, **common)
+        summary = None
+    else:
+        rows, summary = None, evaluate(args.config, **common)
     if rows is not None:
         print(f'{sweep_table(rows)}\n-> {os.path.join(args.output_path, SWEEP)}.md')
     if summary is not None:
@@ -685,4 +693,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main, flags_parser=logs.parse_flags)
+    cli.run(main, flags_parser=logs.parse_flags)

@@ -3,7 +3,8 @@
 Per pair and for both the speaker and the response: VAE posterior moments of the centre-cropped face at the
 config's resolution, the CLIP image embedding of that crop, the CLIP text hidden states (stored fp16), labels and
 raw texts. Shards are written atomically; a rerun skips finished shards, and a folder holding features made with
-other settings is refused unless ``--overwrite``.
+other settings is refused unless ``--overwrite``. The output folder is locked while extraction runs, and a shard with
+a non-finite feature is refused, naming its pairs.
 
     python extract_features.py --config=configs/avamerg_empath.py --split=train   # then --split=val, --split=test
     accelerate launch --multi_gpu --num_processes 8 extract_features.py --config=... # process r: shards r, r+P, ...
@@ -13,7 +14,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 import time
 
 import torch
@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from safetensors import safe_open
 from tqdm import tqdm
 
-from libs import hub, logs
+from libs import cli, config_check, hub, logs, runlock
 from libs.autoencoder import center_crop_resize, load_autoencoder, to_tensor_m11
 from libs import avamerg
 from libs.clip_encoders import CLIPImageEncoder, CLIPTextEncoder
@@ -73,9 +73,7 @@ def check_config(config, split):
         raise UserError(f'config.data lacks {missing}: add them to the config file, e.g. root="data/AvaMERG", '
                         'speaker_text="last", val_fraction=0.02, shard_size=1024, batch_size=64, num_workers=8, '
                         f'{split}="features/avamerg_512/{split}" (configs/avamerg_empath.py)')
-    for key in ('shard_size', 'batch_size'):
-        if config.data[key] < 1:
-            raise UserError(f'config.data.{key}={config.data[key]} must be at least 1')
+    config_check.check(config, 'model', 'extract')
     return config.data[split]
 
 
@@ -104,14 +102,6 @@ def pairs_sha256(pairs):
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
-def flatten(settings, prefix=''):
-    """Nested dict -> {'a.b': value}."""
-    out = {}
-    for key, value in settings.items():
-        out.update(flatten(value, f'{prefix}{key}.') if isinstance(value, dict) else {prefix + key: value})
-    return out
-
-
 def check_folder(out, settings, overwrite):
     """Raise UserError if `out` holds features made with other settings and --overwrite is not given."""
     stamp = os.path.join(out, STAMP)
@@ -125,7 +115,7 @@ def check_folder(out, settings, overwrite):
     if old is None:
         raise UserError(f'{out} holds feature shards without {STAMP}, so their settings are unknown; rerun with '
                         '--overwrite to replace them, or choose another output folder')
-    before, now = flatten(old), flatten(settings)
+    before, now = config_check.flatten(old), config_check.flatten(settings)
     changed = [f'{k}: {before.get(k)!r} in the folder, {now.get(k)!r} now' for k in sorted({*before, *now})
                if before.get(k) != now.get(k)]
     raise UserError(f'{out} holds features extracted with other settings ({"; ".join(changed)}); mixing them would '
@@ -191,10 +181,12 @@ def finish(out, reader, num_pairs, shard_size, settings, info):
     return True
 
 
+@runlock.scope
 def extract(config, split='train', overwrite=False, limit=None):
     """Encode the split's pairs into the feature folder of config.data; returns that folder."""
     out, state = check_config(config, split), Accelerator()
     hub.preflight(config, ('autoencoder', 'clip_text', 'clip_img'))
+    runlock.take(out, 'feature extraction')
     encoders, hashes = load_encoders(config, state.device)
     resolution = config.z_shape[-1] * 2 ** (len(config.autoencoder.block_out_channels) - 1)
     text_encoder = encoders[1]
@@ -203,6 +195,10 @@ def extract(config, split='train', overwrite=False, limit=None):
                                  count_tokens=text_encoder.count_tokens)
     pairs = reader.pairs[:limit]
     if not pairs:
+        if split == 'val' and not reader.skipped:
+            raise UserError(f'{reader.json_path}: config.data.val_fraction={config.data.val_fraction} holds out none '
+                            'of its conversations for validation; raise it (e.g. --config.data.val_fraction=0.1) or '
+                            'use a larger train.json')
         raise UserError(f'{reader.json_path}: no usable pairs (skipped: {dict(reader.skipped)})')
     autocast_dtype = AUTOCAST_DTYPES.get(config.mixed_precision) if state.device.type == 'cuda' else None
     shard_size, batch_size = config.data.shard_size, config.data.batch_size
@@ -271,13 +267,9 @@ def main(argv):
     if args.config is None:
         raise app.UsageError('--config is required, e.g. --config=configs/avamerg_empath.py')
     logs.setup(args.verbose)
-    try:
-        extract(args.config, args.split, args.overwrite, args.limit)
-    except UserError as err:
-        logger.error('%s', err)
-        sys.exit(2)
+    extract(args.config, args.split, args.overwrite, args.limit)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main, flags_parser=logs.parse_flags)
+    cli.run(main, flags_parser=logs.parse_flags)

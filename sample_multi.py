@@ -5,23 +5,25 @@
         --config=configs/avamerg_empath.py --nnet_path=workdir/run/nnet_ema.safetensors
 
 Outputs go to ``<output_path>/<mode>/``: ``<i>.png`` and ``grid.png`` for images, ``<mode>.txt`` (``prompts.txt``
-in joint mode) for texts, and ``samples.json`` with the inputs, settings, seed, outputs, time and memory. The folder
-is assembled aside and moved into place only when complete, so a failed run never leaves half an output.
+in joint mode) for texts, and ``samples.json`` with the inputs, settings, the precision that ran, seed, outputs, time
+and memory. The folder is assembled aside and moved into place only when complete, so a failed run never leaves half
+an output. The empath modes refuse a network whose speaker segment is untrained (e.g. an official UniDiffuser
+checkpoint) unless ``--allow_untrained_condition`` is given.
 """
 import json
 import os
-import sys
+import shutil
 import tempfile
 import time
 
 import torch
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from libs import logs, modes, pipeline
+from libs import cli, config_check, logs, modes, pipeline, precision
 from libs.errors import UserError
-from libs.io import atomic_replace_dir
+from libs.io import atomic_replace_dir, writing
 
 FLAGS = flags.FLAGS
 
@@ -37,6 +39,8 @@ def define_flags():
     flags.DEFINE_integer('nrow', 4, 'images per row of grid.png')
     flags.DEFINE_string('output_path', 'out', 'output folder; results go to <output_path>/<mode>/')
     flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors); default: config.nnet_path')
+    flags.DEFINE_bool('allow_untrained_condition', False, 'run an empath mode even though the network\'s speaker '
+                      'segment is untrained (the speaker then has no effect and the emotions are random)')
     flags.mark_flag_as_required('mode')
     logs.define_flags()
 
@@ -87,9 +91,12 @@ def write_outputs(folder, mode, result, nrow, record):
         json.dump(record, f, indent=2)
 
 
-def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=None):
+def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=None, allow_untrained_condition=False):
     """Load the components, generate, and publish <output_path>/<mode>/ atomically. Returns the record."""
+    config_check.check(config, 'model', 'sample')
     image = check_flags(mode, prompt, img, n_samples)
+    with writing(output_path):  # before anything is loaded: an unwritable output path fails now
+        os.makedirs(output_path, exist_ok=True)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     needs = modes.MODE_INPUTS[mode]
     comp = pipeline.load_components(config, device, nnet_path)
@@ -99,22 +106,27 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     result = pipeline.generate(comp, ctx, mode, n_samples, prompt=prompt if {'prompt', 'speaker'} & set(needs)
-                               else None, image=image)
+                               else None, image=image, allow_untrained_condition=allow_untrained_condition)
     seconds = time.perf_counter() - start
     used = dict(prompt=prompt if {'prompt', 'speaker'} & set(needs) else None,
                 img=img if {'img', 'speaker'} & set(needs) else None)
     record = dict(mode=mode, inputs=used, n_samples=n_samples, seed=config.seed,
                   nnet_path=nnet_path or config.nnet_path, settings=config.sample.to_dict(),
+                  precision=precision.name_of(ctx.autocast_dtype),  # what ran (settings.precision may say 'auto')
                   seconds_per_sample=round(seconds / n_samples, 3),
                   peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),
                   device=str(device))
-    os.makedirs(output_path, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=output_path, prefix=f'.{mode}-')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual permissions
-    write_outputs(tmp, mode, result, nrow, record)
-    atomic_replace_dir(tmp, os.path.join(output_path, mode))
+    with writing(os.path.join(output_path, mode)):
+        tmp = tempfile.mkdtemp(dir=output_path, prefix=f'.{mode}-')
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual permissions
+            write_outputs(tmp, mode, result, nrow, record)
+            atomic_replace_dir(tmp, os.path.join(output_path, mode))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write (e.g. a full disk) leaves nothing behind
+            raise
     return record
 
 
@@ -129,13 +141,10 @@ def emotion_lines(emotions):
 def main(argv):
     del argv
     logs.setup(FLAGS.verbose)
-    try:
-        record = sample(FLAGS.config, FLAGS.mode, FLAGS.prompt, FLAGS.img, FLAGS.n_samples, FLAGS.nrow,
-                        FLAGS.output_path, FLAGS.nnet_path)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample, '
+    record = sample(FLAGS.config, FLAGS.mode, FLAGS.prompt, FLAGS.img, FLAGS.n_samples, FLAGS.nrow, FLAGS.output_path,
+                    FLAGS.nnet_path, FLAGS.allow_untrained_condition)
+    print(f'{record["mode"]}: {record["n_samples"]} samples, {record["seconds_per_sample"]:.2f} s/sample '
+          f'({record["precision"]}), '
           f'peak memory {record["peak_memory_gb"]:.2f} GB -> {os.path.join(FLAGS.output_path, FLAGS.mode)}')
     for line in emotion_lines(record['outputs']['emotions']):
         print(line)
@@ -143,4 +152,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main, flags_parser=logs.parse_flags)
+    cli.run(main, flags_parser=logs.parse_flags)

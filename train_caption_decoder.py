@@ -13,7 +13,6 @@ and after (corpus BLEU-1..4). Writes ``<workdir>/<name>/caption_decoder.pth`` (o
 import json
 import logging
 import os
-import sys
 from typing import List, NamedTuple
 
 import torch
@@ -23,11 +22,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from libs import hub, logs
+from libs import cli, config_check, hub, logs
 from libs.caption_decoder import EOS_TOKEN, load_caption_decoder, save_official_layout
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
-from libs.io import atomic_write_json
+from libs.io import atomic_write_json, writing
 from libs.metrics import corpus_bleu_n
 
 logger = logging.getLogger('train_caption_decoder')
@@ -117,6 +116,7 @@ def train(config, features: str = None) -> dict:
     """Fine-tune the configured caption decoder; returns the report (also written to the run folder)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    config_check.check(config, 'model', 'caption_decoder_train')
     tc, cd = config.caption_decoder_train, config.caption_decoder
     root = features or tc.features or config.data.train
     run_dir = os.path.join(config.workdir, config.name)
@@ -189,9 +189,10 @@ def train(config, features: str = None) -> dict:
         logger.info('held-out round-trip BLEU after: %s', bleu_after)
         accelerator.log({f'caption_decoder/{k}': v for k, v in bleu_after.items()}, step=step)
         path = os.path.join(run_dir, tc.output)
-        os.makedirs(run_dir, exist_ok=True)
-        save_official_layout(decoder, path + '.tmp')  # then renamed: a crash never leaves a half-written file
-        os.replace(path + '.tmp', path)
+        with writing(path):  # torch.save reports a full disk without an errno
+            os.makedirs(run_dir, exist_ok=True)
+            save_official_layout(decoder, path + '.tmp')  # then renamed: a crash never leaves a half-written file
+            os.replace(path + '.tmp', path)
         report = dict(features=root, initial_decoder=cd.pretrained_path, output=path, steps=step,
                       batch_size=tc.batch_size * accelerator.num_processes, lr=tc.lr,
                       train_encode_prefix=tc.train_encode_prefix, max_tokens=tc.max_tokens,
@@ -208,16 +209,12 @@ def train(config, features: str = None) -> dict:
 
 
 def main(argv):
-    """Command-line entry: bad input exits with code 2."""
+    """Command-line entry (through libs.cli: bad input exits with code 2)."""
     del argv
     if flags.FLAGS.config is None:
         raise app.UsageError('pass --config=configs/avamerg_empath.py (or another training config)')
     logs.setup(flags.FLAGS.verbose)
-    try:
-        train(flags.FLAGS.config, flags.FLAGS.features)
-    except UserError as err:
-        logger.error('%s', err)
-        sys.exit(2)
+    train(flags.FLAGS.config, flags.FLAGS.features)
 
 
 if __name__ == '__main__':
@@ -225,4 +222,4 @@ if __name__ == '__main__':
                                     lock_config=False)
     flags.DEFINE_string('features', None, 'Feature cache folder to read (default: the config\'s).')
     logs.define_flags()
-    app.run(main, flags_parser=logs.parse_flags)
+    cli.run(main, flags_parser=logs.parse_flags)

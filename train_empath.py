@@ -11,15 +11,17 @@ the file sample_multi.py, eval_avamerg.py and app.py take. A restarted run conti
 checkpoint. Training reads the train cache and validates on the val cache (conversations held out of train.json);
 it never reads the test split. With an unconditional ``nnet.name`` (uvit_multi_post_ln_v1) it trains UniDiffuser's
 joint objective on the (face, utterance) pairs of speakers and listeners, e.g. to pre-train a small UniDiffuser.
-Exit codes: 2 bad input (UserError), 3 stopped by the non-finite guard.
+With ``train.lora.enabled`` (libs/lora.py) checkpoints hold only the trained tensors and the export is merged.
+The run folder is locked while the run lasts (libs/runlock.py): a second run on it is refused. A resume that would
+change a setting the run cannot change (``trainer.FIXED_SETTINGS``: network, objective, data, seed, batch) is refused
+naming it; other changes (learning rate, n_steps, intervals) are applied and logged. Exit codes: 2 bad input
+(UserError), 3 stopped by the non-finite guard.
 """
 import contextlib
-import copy
 import functools
 import json
 import logging
 import os
-import sys
 import time
 
 import torch
@@ -27,10 +29,12 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import hub, logs, trainer
+from libs import cli, config_check, distributed, hub, logs, lora, runlock, trainer
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
 from libs.features import FeatureDataset, RankSampler, ShuffledStream, StreamDataset, micro_batch_size
+from libs.io import atomic_write_bytes, writing
+from libs.uvit import NETS
 
 logger = logging.getLogger('train_empath')
 FLAGS = flags.FLAGS
@@ -74,6 +78,22 @@ def check_features(manifest: dict, config, root: str) -> None:
                                 'were extracted with')
 
 
+def check_labels(dataset, config, root: str, required: bool) -> None:
+    """Log how many pairs have a known emotion label; with none the emotion head cannot learn (refused if required)."""
+    labels = dataset.labels()
+    known = int((labels >= 0).sum())
+    logger.info('%s: %d of %d pairs have a known emotion label', root, known, len(labels))
+    if known or not NETS[config.nnet.name].get('condition', False) or config.train.emotion_weight == 0:
+        return
+    problem = f'none of the {len(labels)} pairs in {root} has a known emotion label (all are -1)'
+    if not required:
+        logger.warning('%s: its emotion metrics will be empty', problem)
+        return
+    raise UserError(f'{problem}, so the emotion head cannot learn: check the dataset\'s '
+                    'chain_of_empathy.speaker_emotion values and re-extract, or set --config.train.emotion_weight=0 '
+                    'to train without the emotion loss')
+
+
 def flat_hparams(config) -> dict:
     """The config flattened to scalar values, as trackers want hyperparameters."""
     def walk(d, prefix):
@@ -87,22 +107,34 @@ def flat_hparams(config) -> dict:
 
 def append_metrics(path: str, record: dict) -> None:
     """Append one JSON line to metrics.jsonl."""
-    with open(path, 'a', encoding='utf-8') as f:
+    with writing(path), open(path, 'a', encoding='utf-8') as f:
         f.write(json.dumps(record) + '\n')
 
 
+def read_metrics_lines(path: str) -> list:
+    """(record, line) of every line of metrics.jsonl; a torn line (a crash or full disk mid-append) is skipped."""
+    rows = []
+    with open(path, encoding='utf-8') as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rows.append((json.loads(line), line if line.endswith('\n') else line + '\n'))
+            except json.JSONDecodeError:
+                logger.warning('%s:%d: skipping a torn line (an interrupted write)', path, number)
+    return rows
+
+
 def truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines logged after ``step`` by a run that died before its next checkpoint."""
+    """Drop metric lines logged after ``step`` by a run that died before its next checkpoint (an atomic rewrite)."""
     if os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            lines = [line for line in f if json.loads(line)['step'] <= step]
-        with open(path, 'w', encoding='utf-8') as f:
-            f.writelines(lines)
+        lines = [line for record, line in read_metrics_lines(path) if record.get('step', 0) <= step]
+        atomic_write_bytes(path, ''.join(lines).encode('utf-8'))
 
 
+@runlock.scope
 def train(config, dry_run: bool = False) -> dict:
     """Run (or resume) a training run; returns the final training state."""
     from accelerate import Accelerator
+    config_check.check(config, 'model', 'sample', 'train')
     tc = config.train
     hub.preflight(config, ('init_from', 'caption_decoder', 'autoencoder' if tc.sample_every > 0 else None))
 
@@ -113,16 +145,21 @@ def train(config, dry_run: bool = False) -> dict:
         os.environ.setdefault('WANDB_MODE', 'offline')  # never require a login; WANDB_MODE=online opts in
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config.log_with or None, project_dir=run_dir)
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
+    runlock.take(run_dir, 'training run')
     setup_logging(run_dir, is_main)
     metrics_path = os.path.join(run_dir, 'metrics.jsonl')
     logger.info('%d process(es) on %s, mixed precision %s, run folder %s', world, device, mixed_precision, run_dir)
+    if tc.resume:
+        trainer.check_resumable(run_dir, config)
 
     # Data: endless shuffled stream of training pairs; each process reads its slice of every batch ------------------
     train_set = FeatureDataset(config.data.train, config.data.max_open_shards)
     check_features(train_set.manifest, config, config.data.train)
+    check_labels(train_set, config, config.data.train, required=True)
     val_set = FeatureDataset(config.data.val, config.data.max_open_shards) if config.data.val else None
     if val_set is not None:
         check_features(val_set.manifest, config, config.data.val)
+        check_labels(val_set, config, config.data.val, required=False)
         if val_set.manifest.get('split') == 'test':
             raise UserError(f'config.data.val={config.data.val} holds features of the test split; checkpoints are '
                             'selected on conversations held out of train.json: extract them with '
@@ -135,11 +172,12 @@ def train(config, dry_run: bool = False) -> dict:
     # Model, EMA, optimizer, frozen text reducer --------------------------------------------------------------------
     torch.manual_seed(config.seed)  # every process initialises the new parameters identically
     nnet = trainer.build_model(config)
-    ema = copy.deepcopy(nnet).to(device).eval().requires_grad_(False)
+    ema = trainer.make_ema(nnet).to(device)
+    distributed.shard_model(nnet, accelerator)  # FSDP2 where the launch asks for FSDP and accelerate cannot (CPU)
     optimizer = trainer.make_optimizer(nnet, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(trainer.warmup, warmup_steps=config.optimizer.warmup_steps))
-    nnet, optimizer = accelerator.prepare(nnet, optimizer)
+    nnet, optimizer = distributed.prepare(accelerator, nnet, optimizer)
     caption_decoder = trainer.load_text_reducer(config, device)
     encode_text = caption_decoder.encode_prefix
     schedule = Schedule(stable_diffusion_betas())
@@ -151,18 +189,22 @@ def train(config, dry_run: bool = False) -> dict:
     if is_main:
         trainer.remove_partial_checkpoints(run_dir)
     accelerator.wait_for_everyone()
-    done = trainer.checkpoints(run_dir) if tc.resume else []
-    state = dict(step=0, data_position=0, nonfinite_total=0, best_step=-1, best_val_loss=float('inf'))
-    if done:
-        state = trainer.load_checkpoint(os.path.join(run_dir, 'ckpts', f'{done[-1]}.ckpt'), accelerator, nnet, ema,
-                                        optimizer, scheduler)
+    digest = trainer.features_digest(train_set.manifest)
+    base = lora.base_digest(config)  # LoRA checkpoints hold no frozen weights: they resume on the same init_from
+    state = dict(step=0, data_position=0, nonfinite_total=0, best_step=-1, best_val_loss=float('inf'),
+                 train_features=digest, base_sha256=base)
+    resumed = trainer.resume(run_dir, config, accelerator, nnet, ema, optimizer, scheduler, digest) if tc.resume \
+        else None
+    if resumed:
+        lora.check_same_base(resumed.get('base_sha256'), base, config.train.init_from, run_dir)
+        state = resumed
         logger.info('resumed from step %d (data position %d)', state['step'], state['data_position'])
+        if state['step'] >= tc.n_steps:
+            logger.info('the run is at step %d, train.n_steps=%d: nothing to train', state['step'], tc.n_steps)
     if is_main:
         truncate_metrics(metrics_path, state['step'])
-        with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-            f.write(config.to_json(indent=2))
-        with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
-            f.write(config.to_yaml())
+        atomic_write_bytes(os.path.join(run_dir, 'config.json'), config.to_json(indent=2).encode('utf-8'))
+        atomic_write_bytes(os.path.join(run_dir, 'config.yaml'), config.to_yaml().encode('utf-8'))
     if dry_run:
         logger.info('dry run: everything builds; micro-batch %d per process', micro_batch)
         return state
@@ -182,6 +224,7 @@ def train(config, dry_run: bool = False) -> dict:
     while step < tc.n_steps:
         # Accumulate gradients of the global-batch mean over micro-batches (DDP syncs only on the last one).
         totals = torch.zeros(1 + len(trainer.LOSS_TERMS), device=device)
+        guard = []  # per micro-batch: pair ids, per-pair losses, finite features (inspected only if the step fails)
         for m in range(tc.grad_accum):
             batch = trainer.to_device(next(batches), device)
             rand = trainer.to_device(trainer.draw_randomness(batch['position'].tolist(), config.seed, 'train', config,
@@ -190,11 +233,18 @@ def train(config, dry_run: bool = False) -> dict:
             with contextlib.nullcontext() if last else accelerator.no_sync(nnet):
                 losses, _ = trainer.training_losses(nnet, batch, rand, encode_text, schedule, config)
                 accelerator.backward(losses['loss'].mean() / tc.grad_accum)
+            guard.append(trainer.guard_record(batch, losses['loss']))
             totals += torch.stack([losses[k].detach().mean() for k in ('loss', *trainer.LOSS_TERMS)]) / tc.grad_accum
         totals = accelerator.reduce(totals, 'mean')
+        if accelerator.reduce(trainer.nonfinite_feature_count(guard), 'sum') > 0:  # a damaged cache: stop, naming it
+            bad = trainer.nonfinite_pairs(guard, accelerator)[0]
+            raise UserError(f'non-finite (NaN/Inf) features in {len(bad)} training pair(s) of {config.data.train}: '
+                            f'{", ".join(bad[:5])}; re-extract the cache (extract_features.py --overwrite), which '
+                            'refuses such shards')
 
         # Non-finite guard: skip the update (every process agrees, the loss is reduced), stop after K in a row.
-        grad_norm = accelerator.clip_grad_norm_(nnet.parameters(), tc.grad_clip or float('inf'))
+        grad_norm = distributed.full_tensor(accelerator.clip_grad_norm_(nnet.parameters(),
+                                                                        tc.grad_clip or float('inf')))
         if torch.isfinite(totals).all() and torch.isfinite(grad_norm):
             optimizer.step()
             trainer.update_ema(ema, accelerator.unwrap_model(nnet), trainer.ema_decay(step, tc.ema_rate))
@@ -203,13 +253,15 @@ def train(config, dry_run: bool = False) -> dict:
         else:
             nonfinite_run += 1
             state['nonfinite_total'] += 1
-            logger.warning('step %d: non-finite loss or gradient, update skipped (%d in a row)', step, nonfinite_run)
+            pairs = ', '.join(trainer.nonfinite_pairs(guard, accelerator)[1][:5]) or 'none (the gradient overflowed)'
+            logger.warning('step %d: non-finite loss or gradient, update skipped (%d in a row); pairs with a '
+                           'non-finite loss: %s', step, nonfinite_run, pairs)
             if nonfinite_run >= tc.max_nonfinite:
                 last = trainer.checkpoints(run_dir)
                 raise trainer.TrainingDiverged(
-                    f'{nonfinite_run} consecutive non-finite steps (up to step {step}); the newest good checkpoint is '
-                    f'{last[-1] if last else "none"}. Lower optimizer.lr, check the features (rerun '
-                    'extract_features.py), or raise train.max_nonfinite to tolerate more.')
+                    f'{nonfinite_run} consecutive non-finite steps (up to step {step}; pairs with a non-finite loss: '
+                    f'{pairs}); the newest good checkpoint is {last[-1] if last else "none"}. Lower optimizer.lr, '
+                    'or raise train.max_nonfinite to tolerate more.')
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
@@ -252,10 +304,12 @@ def train(config, dry_run: bool = False) -> dict:
         if step % tc.ckpt_every == 0 or step == tc.n_steps:
             if val_loss is not None and val_loss < state['best_val_loss']:
                 state.update(best_step=step, best_val_loss=val_loss)
-            trainer.save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler, state, config)
+            with writing(os.path.join(run_dir, 'ckpts')):  # torch.save reports a full disk without an errno
+                trainer.save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler, state, config)
             if is_main:
                 trainer.prune_checkpoints(run_dir, tc.keep_last, state['best_step'])
-                state['export'] = trainer.export_ema(run_dir, state, step)
+                write = functools.partial(lora.write_merged, ema) if lora.enabled(config) else trainer.link_or_copy
+                state['export'] = trainer.export_ema(run_dir, state, step, write)
     progress.close()
     accelerator.end_training()
     if is_main and 'export' in state:
@@ -265,19 +319,12 @@ def train(config, dry_run: bool = False) -> dict:
 
 
 def main(argv):
-    """Command-line entry: bad input exits with 2, the non-finite guard with 3."""
+    """Command-line entry (through libs.cli: bad input exits with 2, the non-finite guard with 3)."""
     del argv
     if FLAGS.config is None:
         raise app.UsageError('pass --config=configs/avamerg_empath.py (or another training config)')
     logs.setup(FLAGS.verbose)
-    try:
-        state = train(FLAGS.config, FLAGS.dry_run)
-    except UserError as err:
-        logger.error('%s', err)
-        sys.exit(2)
-    except trainer.TrainingDiverged as err:
-        logger.error('%s', err)
-        sys.exit(trainer.DIVERGED_EXIT_CODE)
+    state = train(FLAGS.config, FLAGS.dry_run)
     if 'export' in state:
         exported = os.path.join(FLAGS.config.workdir, FLAGS.config.name, trainer.EXPORT)
         print(f'Sample from it:\n  python sample_multi.py --config={config_flags.get_config_filename(FLAGS["config"])} '
@@ -286,4 +333,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main, flags_parser=logs.parse_flags)
+    cli.run(main, flags_parser=logs.parse_flags)

@@ -43,11 +43,18 @@ def empath(config, features='features/avamerg_512'):
         keep_last=3,                          # checkpoints kept besides the best one
         sample_every=5000,                    # response samples on fixed validation turns (needs libs.pipeline)
         sample_n=4,
+        # LoRA (libs/lora.py, peft): the pretrained U-ViT stays frozen; low-rank adapters W + alpha/rank · B·A are
+        # trained in the target Linear layers of every block at lora.lr (LoRA needs a larger rate than a full
+        # fine-tune), the new speaker-path parameters in full at condition_lr_scale × optimizer.lr. Checkpoints hold
+        # only what is trained; the exported nnet_ema.safetensors is merged into the ordinary layout.
+        lora=d(enabled=False, rank=32, alpha=32., dropout=0., lr=1e-4,
+               target_modules=('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')),
     )
     # The parameters UniDiffuser does not have (speaker positions and segment, gates, [EMO], emotion head) start
     # from scratch: they learn at condition_lr_scale x lr, i.e. UniDiffuser's own pre-training rate of 2e-4.
+    # eight_bit: bitsandbytes' 8-bit AdamW states (CUDA only; pip install -r requirements-gpu-extra.txt).
     config.optimizer = d(lr=2e-5, condition_lr_scale=10., weight_decay=0.03, betas=(0.9, 0.99), eps=1e-8,
-                         warmup_steps=500)
+                         warmup_steps=500, eight_bit=False)
     config.data = d(
         root='data/avamerg',                  # AvaMERG: train.json, test/test.json, image_v5_0/ or video_v5_0/
         speaker_text='last',                  # 'last' speaker utterance, or the 'history' cut from the left to fit

@@ -49,7 +49,7 @@ def unidiffuser(version='v1'):
     config.text_dim = 64            # the caption decoder's reduced text dimension, what the U-ViT sees
     config.num_text_tokens = 77     # CLIP's context; checked against the text encoder's config at load time
     config.data_type = 1 if version == 'v1' else 0
-    config.mixed_precision = 'bf16'  # used on GPUs only; CPU runs in float32
+    config.mixed_precision = 'bf16'  # training and feature extraction, on GPUs only (sampling: sample.precision)
     # Revisions of the Hub repositories the components below come from ('main': the newest).
     config.revisions = d(unidiffuser='main', clip_text='main', clip_img='main', gpt2='main')
     repo, revision = UNIDIFFUSER_V1 if version == 'v1' else UNIDIFFUSER_V0, config.revisions.get_ref('unidiffuser')
@@ -65,14 +65,18 @@ def unidiffuser(version='v1'):
                     in_chans=4, patch_size=2, embed_dim=1536, depth=30, num_heads=24, mlp_ratio=4, qkv_bias=False,
                     pos_drop_rate=0., drop_rate=0., attn_drop_rate=0., mlp_time_embed=False,
                     text_dim=config.get_ref('text_dim'), num_text_tokens=config.get_ref('num_text_tokens'),
-                    clip_img_dim=config.get_ref('clip_img_dim'), use_checkpoint=True)
+                    clip_img_dim=config.get_ref('clip_img_dim'), use_checkpoint=True,
+                    compile=False)  # torch.compile for sampling: pays only over long runs (BENCHMARKS.md)
     config.nnet_path = hub(repo, revision, f'uvit_{version}.pth')
     # The official sampler: DPM-Solver++ 'fast' on a time-uniform grid (what dpm_solver_pp.sample defaults to;
     # skip_type='logSNR' is more accurate at few steps but is not what the official results used).
     # The empath modes guide over the speaker turn: against no speaker with `scale` ('no_speaker'), or with a
     # scale for the utterance and one for the face ('two_scale', InstructPix2Pix; libs.diffusion.cfg_two_scale).
+    # precision: 'auto' = bf16 on GPUs and on CPUs with native bf16 matrix instructions, fp32 elsewhere
+    # (libs/precision.py); or 'fp32', 'bf16', 'fp16'. Sampling, evaluation and the web demo all read it.
     config.sample = d(sample_steps=50, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast',
-                      skip_type='time_uniform', speaker_guidance='no_speaker', scale_text=7., scale_face=7.)
+                      skip_type='time_uniform', speaker_guidance='no_speaker', scale_text=7., scale_face=7.,
+                      precision='auto')
     return config
 
 
@@ -96,4 +100,7 @@ def tiny(root='models/tiny', condition=False):
                        depth=2, num_heads=2, mlp_ratio=2, use_checkpoint=False)
     config.nnet_path = f'{root}/uvit_{"empath" if condition else "v1"}.pth'
     config.sample.sample_steps = 4
+    # At these sizes bf16 autocast saves nothing on a CPU (BENCHMARKS.md), and fp32 keeps tiny results the same on
+    # every machine.
+    config.sample.precision = 'fp32'
     return config

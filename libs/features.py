@@ -44,7 +44,8 @@ TENSOR_DTYPES = {
 }
 META_KEYS = ('split', 'conversation_id', 'turn_id', 'speaker_stem', 'response_stem', 'speaker_text_raw',
              'response_text_raw', 'emotion')
-REEXTRACT = 'rerun extract_features.py for this split (it skips the shards that are finished)'
+REEXTRACT = ('rerun extract_features.py for this split (--split=train, val or test; it skips the shards that are '
+             'finished)')
 
 
 def shard_name(index: int) -> str:
@@ -57,8 +58,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix('torch.')
 
 
+def pair_id(split: str, conversation_id: str, turn_id: str) -> str:
+    """How messages name a pair: 'split/conversation_id/turn_id'."""
+    return f'{split}/{conversation_id}/{turn_id}'
+
+
+def nonfinite_rows(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) whether row i of any floating-point tensor (N, ...) holds a NaN or an infinity."""
+    bad = [~torch.isfinite(t.flatten(1)).all(1) for t in tensors.values() if t.is_floating_point()]
+    return torch.stack(bad).any(0)
+
+
 def write_shard(root: str, index: int, records: Sequence[dict]) -> dict:
-    """Write one shard from per-pair records (TENSOR_DTYPES and META_KEYS entries); returns its manifest entry."""
+    """Write one shard from per-pair records (TENSOR_DTYPES and META_KEYS entries); returns its manifest entry.
+
+    A shard holding a non-finite feature is refused: training would skip (or stop at) every step that draws it.
+    """
     if not records:
         raise ValueError('a shard needs at least one record')
     missing = [k for k in (*TENSOR_DTYPES, *META_KEYS) if k not in records[0]]
@@ -67,6 +82,11 @@ def write_shard(root: str, index: int, records: Sequence[dict]) -> dict:
     tensors = {k: torch.stack([torch.as_tensor(r[k]) for r in records]).to(dtype) for k, dtype in TENSOR_DTYPES.items()}
     meta = [{k: r[k] for k in META_KEYS} for r in records]
     name = shard_name(index)
+    bad = [pair_id(m['split'], m['conversation_id'], m['turn_id']) for m, b in zip(meta, nonfinite_rows(tensors)) if b]
+    if bad:
+        raise UserError(f'{len(bad)} pair(s) of shard {name} in {root} have non-finite (NaN/Inf) features, so the '
+                        f'shard is not written: {", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}. Check those '
+                        'faces and texts and the encoders\' weights (under fp16 autocast: --config.mixed_precision=no)')
     # Metadata first: the safetensors file, written last, is what marks the shard as finished.
     atomic_write_json(os.path.join(root, name + '.json'), meta)
     atomic_save_safetensors(tensors, os.path.join(root, name + '.safetensors'))
@@ -195,6 +215,10 @@ class FeatureDataset(torch.utils.data.Dataset):
             if list(found) != expected:
                 raise UserError(f'{path}.safetensors: {key} has shape {list(found)}, the manifest says {expected} '
                                 f'({entry["pairs"]} pairs of {spec["shape"]}); {REEXTRACT}')
+
+    def labels(self) -> torch.Tensor:
+        """(num_pairs,) 32-way emotion labels of every pair (-1 unknown), read from each shard's label tensor."""
+        return torch.cat([self._shard(k)[0].get_slice('label')[:] for k in range(len(self.shards))])
 
     def locate(self, i: int):
         """(shard index, row) of pair i."""

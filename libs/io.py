@@ -1,9 +1,12 @@
 """Reading weights and images safely and writing files atomically (a crash never leaves a half-written file behind)."""
+import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from PIL import Image
@@ -55,6 +58,47 @@ def describe_mismatch(expected: Dict[str, torch.Size], found: Dict[str, torch.Si
     return '; '.join(parts)
 
 
+FULL_DISK_BYTES = 64 * 2 ** 20  # free space below which a failed write is taken for a full disk
+
+
+def write_error_code(path: str, err: Exception) -> Optional[int]:
+    """The errno behind a failed write that did not raise an OSError, or None when it was not the disk's fault.
+
+    safetensors names the OS error in its message ('... (os error 28)'); torch.save only says 'unexpected pos ...',
+    so a full disk is recognised by the free space left where it was writing.
+    """
+    found = re.search(r'os error (\d+)', str(err))
+    if found:
+        return int(found[1])
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return errno.ENOSPC if shutil.disk_usage(folder).free < FULL_DISK_BYTES else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Re-raise a failed write under ``path`` as an OSError that names it (libs.cli reports those in one line).
+
+    Writes to open files raise OSErrors without a file name, and torch.save / safetensors report a full disk as a
+    RuntimeError / SafetensorError without an errno.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, path) from err
+        raise
+    except Exception as err:
+        code = write_error_code(path, err)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), path) from err
+
+
 def _create_temp(folder: str, prefix: str):
     """A new file in folder opened for writing, as (fd, path), with the permissions the umask gives new files.
 
@@ -73,18 +117,19 @@ def _create_temp(folder: str, prefix: str):
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write bytes to path via a temp file in the same folder and an atomic rename (permissions as the umask says)."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = _create_temp(folder, '.tmp-' + os.path.basename(path))
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with writing(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = _create_temp(folder, '.tmp-' + os.path.basename(path))
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def atomic_write_json(path: str, obj) -> None:

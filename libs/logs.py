@@ -34,9 +34,9 @@ def bare_v_as_verbose(argv):
 
 
 def parse_flags(argv):
-    """absl's flag parser (for ``app.run(main, flags_parser=...)``), with a bare ``-v`` read as ``--verbose``."""
-    from absl import app
-    return app.parse_flags_with_usage(bare_v_as_verbose(argv))
+    """libs.cli's flag parser (for ``cli.run(main, flags_parser=...)``), with a bare ``-v`` read as ``--verbose``."""
+    from libs import cli
+    return cli.parse_flags(bare_v_as_verbose(argv))
 
 
 def setup(verbose: bool = False) -> None:

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from libs import precision
 from libs.diffusion import cfg, cfg_two_scale
 from libs.errors import UserError
 from libs.uvit import ConditionCache, cat_conditions
@@ -72,8 +73,7 @@ def call_nnet(ctx, z, clip_img, text, t_img, t_text, speaker=None):
     B = z.shape[0]
     data_type = None if ctx.data_type is None else torch.full((B,), ctx.data_type, device=ctx.device,
                                                                 dtype=torch.long)
-    with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
-                        enabled=ctx.autocast_dtype is not None):
+    with precision.autocast(ctx.device, ctx.autocast_dtype):
         out = ctx.nnet(z, clip_img, text, t_img, t_text, data_type, cond_cache=speaker)
     return tuple(o.float() for o in out[:3])
 

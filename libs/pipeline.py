@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 from PIL import Image
 
-from libs import modes
+from libs import modes, precision
 from libs.diffusion import NoiseScheduleVP, get_sampler, stable_diffusion_betas
 from libs.errors import UserError
 from libs.uvit import UViT, build_nnet, checkpoint_config, load_nnet_weights
@@ -56,6 +56,8 @@ def load_components(config, device, nnet_path=None, need_images=True, need_text=
     nnet = build_nnet((checkpoint_config(hub.local_path(nnet_path)) or config).get('nnet'))
     load_nnet_weights(nnet, nnet_path, logger)
     comp = Components(config, device, nnet.to(device).eval().requires_grad_(False))
+    if config.nnet.compile:
+        compile_nnet(comp.nnet)
     cd = config.caption_decoder
     comp.caption_decoder = load_caption_decoder(cd.pretrained_path, cd.tokenizer, cd.local_files_only, config=cd,
                                                 device=device)
@@ -72,18 +74,29 @@ def load_components(config, device, nnet_path=None, need_images=True, need_text=
     return comp
 
 
+def compile_nnet(nnet: UViT) -> UViT:
+    """``torch.compile`` the U-ViT's forward in place (``config.nnet.compile``); the first call of each shape compiles.
+
+    Only the per-step forward is compiled; ``encode_condition`` runs once per sample and stays eager.
+    """
+    nnet.compile()
+    return nnet
+
+
 def make_context(comp: Components, generator: torch.Generator) -> modes.Context:
-    """The sampling context of ``libs.modes`` from the config's ``sample`` section."""
+    """The sampling context of ``libs.modes`` from the config's ``sample`` section (precision resolved and logged)."""
     config = comp.config
     betas = stable_diffusion_betas()
-    autocast = torch.bfloat16 if comp.device.type == 'cuda' and config.mixed_precision == 'bf16' else None
+    prec = precision.resolve(config.sample.precision, comp.device)
+    precision.log_precision(prec)
     ctx = modes.Context(
         nnet=comp.nnet,
-        sampler=functools.partial(get_sampler(config.sample.sampler), skip_type=config.sample.skip_type), schedule=NoiseScheduleVP(betas), N=len(betas),
+        sampler=functools.partial(get_sampler(config.sample.sampler), skip_type=config.sample.skip_type),
+        schedule=NoiseScheduleVP(betas), N=len(betas),
         steps=config.sample.sample_steps, scale=config.sample.scale, z_shape=tuple(config.z_shape),
         clip_img_dim=config.clip_img_dim, text_shape=(config.num_text_tokens, config.text_dim),
         data_type=config.data_type if comp.nnet.use_data_type else None, t2i_cfg_mode=config.sample.t2i_cfg_mode,
-        generator=generator, device=comp.device, autocast_dtype=autocast,
+        generator=generator, device=comp.device, autocast_dtype=prec.dtype,
         speaker_guidance=config.sample.speaker_guidance, scale_text=config.sample.scale_text,
         scale_face=config.sample.scale_face)
     if ctx.t2i_cfg_mode not in ('true_uncond', 'empty_token'):
@@ -126,8 +139,7 @@ def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None):
         cond.update(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1), t_img=modes.full(ctx, B, 0))
     if text is not None:
         cond.update(text=text.expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
-    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
-                                         enabled=ctx.autocast_dtype is not None):
+    with torch.no_grad(), precision.autocast(ctx.device, ctx.autocast_dtype):
         return comp.nnet.encode_condition(cond)
 
 
@@ -193,14 +205,34 @@ def top_emotions(probs: torch.Tensor, names: List[str], k: int = 3):
     return [[(names[i], round(float(v), 4)) for v, i in zip(vs, ids)] for vs, ids in zip(values, idx)]
 
 
-def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, prompt=None, image=None):
+def check_condition_trained(nnet: UViT, what: str, allow_untrained: bool = False) -> None:
+    """Refuse to answer a speaker with a network whose speaker segment is missing or untrained, unless allowed.
+
+    An official UniDiffuser checkpoint loaded into EmpathDiffuser (or a network never fine-tuned) has zero gates: the
+    speaker has no effect and the emotion head is random, so its 'responses' and emotions would mean nothing.
+    """
+    if not nnet.condition:
+        raise UserError(f'{what} needs an EmpathDiffuser network (nnet.name=uvit_empath); this one is a UniDiffuser '
+                        'U-ViT without a speaker segment. Pass one with its config: '
+                        '--config=configs/sample_tiny_empath.py (the tiny random one of scripts/make_tiny_models.py), '
+                        'or a training config with its run\'s '
+                        'export, e.g. --config=configs/avamerg_empath.py '
+                        '--nnet_path=workdir/avamerg_empath/nnet_ema.safetensors')
+    if not nnet.condition_is_trained() and not allow_untrained:
+        raise UserError(f'{what}: the network\'s speaker segment is untrained (every gate is zero, e.g. an official '
+                        'UniDiffuser checkpoint or a network before fine-tuning), so the speaker has no effect and the '
+                        'emotions are random. Use a network trained by train_empath.py, or pass '
+                        '--allow_untrained_condition to run it anyway')
+
+
+def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, prompt=None, image=None,
+             allow_untrained_condition: bool = False):
     """Run one sampling mode end to end: raw inputs -> decoded images, texts and emotions."""
     fn = modes.get_mode(mode)
     inputs = dict(n=n_samples)
     conditional = comp.nnet.condition
     if mode in modes.EMPATH_MODES:
-        if not conditional:
-            raise UserError(f'mode {mode} needs an EmpathDiffuser network (nnet.name=uvit_empath)')
+        check_condition_trained(comp.nnet, f'mode {mode}', allow_untrained_condition)
         inputs.update(encode_speaker(comp, ctx, n_samples, image, prompt))
     else:
         if conditional:  # a fine-tuned network without a speaker turn is a plain UniDiffuser

@@ -25,8 +25,12 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn
     return module
 
 
-def make_tiny_models(config, seed: int = 0, corpus=None, clip_image_size: int = 32) -> dict:
-    """Write every component the config names (paths taken from the config); returns {component: path}."""
+def make_tiny_models(config, seed: int = 0, corpus=None, clip_image_size: int = 32, empath_config=None) -> dict:
+    """Write every component the config names (paths taken from the config); returns {component: path}.
+
+    ``empath_config`` (e.g. ``configs/common.py`` ``tiny(root, condition=True)``) adds its EmpathDiffuser U-ViT as
+    ``nnet_empath``; it must share every other component with ``config``.
+    """
     from libs.autoencoder import FrozenAutoencoderKL, ldm_state_dict_from_diffusers
     from libs.caption_decoder import CaptionDecoder, build_tiny_gpt2_tokenizer, load_gpt2_tokenizer, \
         save_official_layout
@@ -40,6 +44,13 @@ def make_tiny_models(config, seed: int = 0, corpus=None, clip_image_size: int = 
     paths = dict(clip_text=config.clip_text.name_or_path, clip_img=config.clip_img.name_or_path,
                  gpt2_tokenizer=cd.tokenizer, caption_decoder=cd.pretrained_path,
                  autoencoder=config.autoencoder.pretrained_path, nnet=config.nnet_path)
+    if empath_config is not None:
+        differs = [k for k in ('z_shape', 'clip_img_dim', 'text_dim', 'num_text_tokens', 'clip_text', 'clip_img',
+                               'caption_decoder', 'autoencoder') if empath_config[k] != config[k]]
+        if differs or empath_config.nnet.name != 'uvit_empath':
+            raise ValueError('empath_config must be an EmpathDiffuser config (nnet.name=uvit_empath) sharing every '
+                             f'other component with config; it differs in {differs or ["nnet.name"]}')
+        paths['nnet_empath'] = empath_config.nnet_path
     for p in paths.values():
         os.makedirs(os.path.dirname(os.path.abspath(p)) if p.endswith(('.pth', '.safetensors')) else p, exist_ok=True)
 
@@ -56,6 +67,10 @@ def make_tiny_models(config, seed: int = 0, corpus=None, clip_image_size: int = 
         torch.save(ldm_state_dict_from_diffusers(vae.vae.state_dict()), paths['autoencoder'])
         nnet = randomize_(build_nnet(config.nnet), seed + 3)
         torch.save(nnet.state_dict(), paths['nnet'])
+    if empath_config is not None:
+        # Random everywhere, the zero-initialised gates included: the speaker turn then changes the response, as in
+        # a trained network, instead of being ignored as at the start of fine-tuning.
+        torch.save(randomize_(build_nnet(empath_config.nnet), seed + 4).state_dict(), paths['nnet_empath'])
     atomic_write_json(os.path.join(os.path.dirname(os.path.abspath(paths['nnet'])), 'tiny_models.json'),
                       dict(seed=seed, paths=paths, note='random weights for tests and demos, not a trained model'))
     logger.info('wrote tiny components: %s', paths)

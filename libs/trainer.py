@@ -6,13 +6,15 @@ the global batch is split over processes and accumulation steps, which makes mul
 single process and makes resuming exact.
 """
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from typing import Dict, List, Optional, Sequence
+import zipfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,10 +24,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from libs import lora
 from libs.avamerg import COARSE_7, EMOTIONS_32, FINE_TO_COARSE
+from libs.config_check import flatten
 from libs.diffusion import modality_losses
+from libs.distributed import full_tensor
 from libs.errors import UserError
-from libs.features import derive_seed
+from libs.features import TENSOR_DTYPES, derive_seed, nonfinite_rows, pair_id
 from libs.io import atomic_write_json
 from libs.uvit import NETS, build_nnet, checkpoint_config, load_nnet_weights
 
@@ -38,8 +43,9 @@ LOSS_TERMS = ('img', 'clip', 'text', 'emotion')
 LOGVAR_RANGE = (-30., 20.)  # LDM's posterior clamps log-variance to this range before sampling
 
 
-class TrainingDiverged(RuntimeError):
-    """Raised after too many consecutive non-finite steps."""
+class TrainingDiverged(UserError):
+    """Raised after too many consecutive non-finite steps (libs.cli exits with DIVERGED_EXIT_CODE)."""
+    exit_code = DIVERGED_EXIT_CODE
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,6 +157,35 @@ def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config
     return losses, logits
 
 
+FEATURE_KEYS = tuple(k for k, dtype in TENSOR_DTYPES.items() if dtype.is_floating_point)
+
+
+def guard_record(batch: dict, loss: torch.Tensor) -> tuple:
+    """(pair ids, per-pair loss, per-pair finite features) of a micro-batch, kept for the non-finite guard."""
+    ids = [pair_id(*p) for p in zip(batch['split'], batch['conversation_id'], batch['turn_id'])]
+    return ids, loss.detach(), ~nonfinite_rows({k: batch[k] for k in FEATURE_KEYS})
+
+
+def nonfinite_feature_count(records: Sequence[tuple]) -> torch.Tensor:
+    """How many pairs of a step's guard records have a non-finite feature, as a tensor (no device sync)."""
+    return sum((~finite).sum() for _, _, finite in records)
+
+
+def nonfinite_pairs(records: Sequence[tuple], accelerator) -> Tuple[List[str], List[str]]:
+    """(pairs with non-finite features, other pairs with a non-finite loss) of a step's guard records, all processes."""
+    features, losses = [], []
+    for ids, loss, finite in records:
+        for pair, loss_ok, features_ok in zip(ids, torch.isfinite(loss).tolist(), finite.tolist()):
+            if not features_ok:
+                features.append(pair)
+            elif not loss_ok:
+                losses.append(pair)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        features, losses = gather_object(features), gather_object(losses)
+    return features, losses
+
+
 def to_device(batch: dict, device) -> dict:
     """Move the tensors of a collated batch to ``device`` (metadata lists stay)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -161,13 +196,16 @@ def to_device(batch: dict, device) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_model(config) -> torch.nn.Module:
-    """The conditional U-ViT, initialised from ``train.init_from`` (new condition keys are logged) or from scratch."""
+    """The conditional U-ViT, initialised from ``train.init_from`` (new condition keys are logged) or from scratch;
+    with ``train.lora.enabled``, frozen and given LoRA adapters (libs.lora)."""
     nnet = build_nnet(config.nnet)
     if config.train.init_from:
         load_nnet_weights(nnet, config.train.init_from, logger)
         logger.info('initialised the U-ViT from %s', config.train.init_from)
     else:
         logger.info('training the U-ViT from scratch (train.init_from is empty)')
+    if lora.enabled(config):
+        lora.apply_lora(nnet, config.train.lora)
     return nnet
 
 
@@ -180,28 +218,26 @@ def load_text_reducer(config, device):
 
 
 def make_optimizer(nnet, config):
-    """AdamW: no weight decay on ``no_weight_decay()``; the new (condition) parameters at condition_lr_scale × lr."""
+    """AdamW (8-bit with ``optimizer.eight_bit``) over the trained parameters: no weight decay on
+    ``no_weight_decay()``; the new (condition) parameters at condition_lr_scale × lr, LoRA's adapters at
+    train.lora.lr."""
     opt, skip = config.optimizer, nnet.no_weight_decay()
+    pretrained_lr = config.train.lora.lr if lora.enabled(config) else opt.lr  # LoRA trains adapters, not weights
     new = set(nnet.condition_parameters()) if getattr(nnet, 'condition', False) else set()
     named = [(n, p) for n, p in nnet.named_parameters() if p.requires_grad]
     groups = []
     for is_new in (False, True):
-        lr = opt.lr * (opt.condition_lr_scale if is_new else 1.)
+        lr = opt.lr * opt.condition_lr_scale if is_new else pretrained_lr
         for decays in (True, False):
             params = [p for n, p in named if (n in new) == is_new and (n not in skip) == decays]
             if params:
                 groups.append(dict(params=params, lr=lr, weight_decay=opt.weight_decay if decays else 0.))
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    return lora.adamw_class(opt.eight_bit)(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
 def warmup(step: int, warmup_steps: int) -> float:
     """Linear warm-up factor of the learning rate: (step + 1) / warmup_steps, then 1."""
     return min(1., (step + 1) / warmup_steps) if warmup_steps > 0 else 1.
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly FSDP-sharded) parameter."""
-    return t.full_tensor() if hasattr(t, 'full_tensor') else t
 
 
 def ema_decay(step: int, rate: float) -> float:
@@ -213,13 +249,20 @@ def ema_decay(step: int, rate: float) -> float:
     return min(rate, (1. + step) / (10. + step))
 
 
+def make_ema(model: torch.nn.Module) -> torch.nn.Module:
+    """The EMA network: a copy of the trained parameters; frozen ones (LoRA's base weights) are shared, not copied."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    return lora.copy_sharing(model, trained).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
-    """ema ← rate · ema + (1 − rate) · model for parameters; buffers are copied."""
+    """ema ← rate · ema + (1 − rate) · model for the trained parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(_full(p).to(e.dtype), 1. - rate)
+        if p.requires_grad:
+            e.lerp_(full_tensor(p).to(e.dtype), 1. - rate)
     for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(_full(b))
+        e.copy_(full_tensor(b))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,12 +323,22 @@ def remove_partial_checkpoints(run_dir: str) -> None:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
+def trained_keys(model: torch.nn.Module) -> List[str]:
+    """State-dict keys a checkpoint holds: all but the frozen parameters (LoRA's base weights)."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return [k for k in model.state_dict() if k not in frozen]
+
+
 def save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler, state: dict, config) -> str:
-    """Write ``ckpts/<step>.ckpt`` atomically; every process must call it (state dicts are gathered collectively)."""
+    """Write ``ckpts/<step>.ckpt`` atomically; every process must call it (state dicts are gathered collectively).
+
+    The network files hold what is trained: everything for a full fine-tune, the adapters and new parameters for LoRA.
+    """
     folder = os.path.join(run_dir, 'ckpts')
     final, tmp = os.path.join(folder, f'{step}.ckpt'), os.path.join(folder, f'.tmp-{step}.ckpt')
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd = get_model_state_dict(nnet, options=options)
+    keys = trained_keys(accelerator.unwrap_model(nnet))
     optim_sd = get_optimizer_state_dict(nnet, getattr(optimizer, 'optimizer', optimizer), options=options)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -295,7 +348,8 @@ def save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_nnet(model_sd, os.path.join(tmp, 'nnet.safetensors'), config, step)
-        export_nnet(ema.state_dict(), os.path.join(tmp, 'nnet_ema.safetensors'), config, step)
+        ema_sd = ema.state_dict()
+        export_nnet({k: ema_sd[k] for k in keys}, os.path.join(tmp, 'nnet_ema.safetensors'), config, step)
         torch.save(dict(state, step=step, optimizer=optim_sd, scheduler=scheduler.state_dict(),
                         num_processes=accelerator.num_processes), os.path.join(tmp, 'training_state.pt'))
         with open(os.path.join(tmp, 'config.json'), 'w') as f:
@@ -314,8 +368,17 @@ def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
     """Restore model, EMA, optimizer, scheduler and RNG states from a checkpoint folder; returns its state dict."""
     state = torch.load(os.path.join(path, 'training_state.pt'), map_location='cpu', weights_only=True)
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(nnet, load_file(os.path.join(path, 'nnet.safetensors')), options=options)
-    ema.load_state_dict(load_file(os.path.join(path, 'nnet_ema.safetensors')))  # copied onto the EMA's device
+    model_sd = load_file(os.path.join(path, 'nnet.safetensors'))
+    ema_sd = load_file(os.path.join(path, 'nnet_ema.safetensors'))  # copied onto the EMA's device by loading
+    keys = set(trained_keys(accelerator.unwrap_model(nnet)))
+    for name, sd in (('nnet', model_sd), ('nnet_ema', ema_sd)):  # set_model_state_dict would fill in gaps silently
+        if set(sd) != keys:
+            raise UserError(f'{path}/{name}.safetensors does not hold the trained parameters of this model (missing '
+                            f'{sorted(keys - set(sd))[:3]}, unexpected {sorted(set(sd) - keys)[:3]}): it was written '
+                            'with other nnet or train.lora settings; resume with those, or start a new run '
+                            '(config.name)')
+    set_model_state_dict(nnet, model_sd, options=options)
+    ema.load_state_dict(ema_sd, strict=False)  # frozen (shared) parameters are not in the file
     optimizer = getattr(optimizer, 'optimizer', optimizer)  # accelerate's wrapper -> the torch optimizer
     set_optimizer_state_dict(nnet, optimizer, state.pop('optimizer'), options=options)
     scheduler.load_state_dict(state.pop('scheduler'))
@@ -329,15 +392,146 @@ def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
     return state
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming honestly: the newest checkpoint that loads, the settings the run started with
+# ----------------------------------------------------------------------------------------------------------------
+
+# Settings a run keeps from its first step to its last: they fix the network, the objective and the data stream that
+# a checkpoint's weights, optimizer state and stream position belong to, so a resume that changes one is refused.
+# Every other key may change and is applied: optimizer.* (the restored optimizer and scheduler take the new values),
+# train.n_steps, the log/val/ckpt/sample intervals, keep_last, grad_clip, max_nonfinite, data loading, trackers,
+# mixed precision, the number of processes.
+FIXED_SETTINGS = ('nnet', 'z_shape', 'clip_img_dim', 'clip_text_dim', 'text_dim', 'num_text_tokens', 'data_type',
+                  'seed', 'autoencoder.scale_factor', 'caption_decoder.pretrained_path', 'data.train', 'data.val',
+                  'data.shuffle_window', 'train.batch_size', 'train.grad_accum', 'train.p_drop_face',
+                  'train.p_drop_text', 'train.p_drop_both', 'train.emotion_weight', 'train.loss_weighting',
+                  'train.ema_rate', 'train.val_pairs', 'train.lora', 'optimizer.eight_bit')
+# Activation checkpointing trades memory for time and changes nothing; LoRA's learning rate is a learning rate.
+FREE_WITHIN_FIXED = ('nnet.use_checkpoint', 'train.lora.lr')
+
+
+def features_digest(manifest: dict) -> str:
+    """sha256 of a feature cache's manifest: the cache a run trains on, recorded in its checkpoints."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def is_fixed(key: str) -> bool:
+    """Whether a flattened config key is one of FIXED_SETTINGS."""
+    return key not in FREE_WITHIN_FIXED and any(key == k or key.startswith(k + '.') for k in FIXED_SETTINGS)
+
+
+def changed_settings(before: dict, now: dict) -> Tuple[List[str], List[str]]:
+    """('key: old -> new' of the changed fixed settings, the same of the other changed keys) between two configs."""
+    before, now = flatten(before), flatten(now)
+    changes = [(k, f'{k}: {before[k]!r} -> {now[k]!r}') for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+    return [c for k, c in changes if is_fixed(k)], [c for k, c in changes if not is_fixed(k)]
+
+
+def checkpoint_problem(path: str, process_index: int) -> Optional[str]:
+    """Why a checkpoint folder cannot be loaded (a cut, emptied or unreadable file), or None; reads headers only."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+            if not isinstance(json.load(f), dict):
+                return 'config.json is not a config'
+        for name in ('nnet.safetensors', 'nnet_ema.safetensors'):
+            with safe_open(os.path.join(path, name), 'pt') as f:
+                f.keys()
+        for name in ('training_state.pt', f'rng-{process_index}.pt'):
+            if os.path.isfile(os.path.join(path, name)):  # torch.save writes a zip: a cut file lacks its directory
+                zipfile.ZipFile(os.path.join(path, name)).close()
+    except Exception as err:  # whatever the damage, the checkpoint is skipped and the reason logged
+        return f'{type(err).__name__}: {err}'
+    return None
+
+
+def newest_loadable_checkpoint(run_dir: str, accelerator) -> Optional[str]:
+    """The newest complete checkpoint every process can read; each broken one is logged and skipped."""
+    from accelerate.utils import gather_object
+    steps = checkpoints(run_dir)
+    for step in reversed(steps):
+        path = os.path.join(run_dir, 'ckpts', f'{step}.ckpt')
+        problem = checkpoint_problem(path, accelerator.process_index)
+        problems = [p for p in (gather_object([problem]) if accelerator.num_processes > 1 else [problem]) if p]
+        if not problems:
+            return path
+        logger.warning('skipping checkpoint %s, it does not load: %s', path, problems[0])
+    if steps:
+        raise UserError(f'no checkpoint of {run_dir} loads (see the warnings above): move {run_dir}/ckpts away to '
+                        'start the run over, or choose another config.name')
+    return None
+
+
+def apply_free_settings(optimizer, scheduler, fresh_groups: List[dict]) -> None:
+    """Give a restored optimizer and scheduler this run's hyperparameters (lr, betas, weight decay, ...)."""
+    groups = getattr(optimizer, 'optimizer', optimizer).param_groups
+    for group, fresh in zip(groups, fresh_groups):
+        group.update(fresh)
+    scheduler.base_lrs = [group['initial_lr'] for group in groups]
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group['lr'] = base * factor(scheduler.last_epoch)
+
+
+def check_resumable(run_dir: str, config) -> None:
+    """Refuse, before anything is built, to resume a run with changed FIXED_SETTINGS (naming them); log the others.
+
+    Every checkpoint of a run has the same fixed settings: the newest one whose config.json reads is compared.
+    """
+    for step in reversed(checkpoints(run_dir)):
+        try:
+            with open(os.path.join(run_dir, 'ckpts', f'{step}.ckpt', 'config.json'), encoding='utf-8') as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            continue
+        fixed, free = changed_settings(before, json.loads(config.to_json()))
+        if fixed:
+            raise UserError(f'cannot resume {run_dir} (checkpoint {step}): settings that cannot change during a run '
+                            f'differ ({"; ".join(fixed)}). Set them back, or start a new run with another config.name')
+        if free:
+            logger.info('resuming with changed settings (applied): %s', '; '.join(free))
+        return
+
+
+def resume(run_dir, config, accelerator, nnet, ema, optimizer, scheduler, digest: str) -> Optional[dict]:
+    """Restore the newest checkpoint that loads and return its state (None without one).
+
+    The optimizer and scheduler restored from the checkpoint take this run's hyperparameters (learning rate, betas,
+    weight decay, warm-up); a change of the training features is refused (``check_resumable`` has compared the
+    other settings).
+    """
+    path = newest_loadable_checkpoint(run_dir, accelerator)
+    if path is None:
+        return None
+    fresh = [{k: v for k, v in g.items() if k != 'params'} for g in getattr(optimizer, 'optimizer', optimizer)
+             .param_groups]
+    state = load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler)
+    if state.get('train_features', digest) != digest:
+        raise UserError(f'cannot resume {run_dir}: the training features in {config.data.train} changed since '
+                        f'{path} was written (re-extracted?). Restore them, or start a new run with another '
+                        'config.name')
+    state.setdefault('train_features', digest)  # checkpoints written before features were recorded
+    apply_free_settings(optimizer, scheduler, fresh)
+    return state
+
+
 EXPORT, EXPORT_INFO = 'nnet_ema.safetensors', 'nnet_ema.json'
 
 
-def export_ema(run_dir: str, state: dict, newest_step: int) -> dict:
+def link_or_copy(source: str, dest: str) -> None:
+    """Hard-link ``source`` as ``dest`` (a full copy where links are unsupported)."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def export_ema(run_dir: str, state: dict, newest_step: int, write=link_or_copy) -> dict:
     """Publish ``<run>/nnet_ema.safetensors``: the EMA network of the best checkpoint by validation loss (the newest
     when there is no validation), with ``nnet_ema.json`` saying which. Returns that description.
 
-    The file is a hard link to the checkpoint's copy (a full copy where links are unsupported) put in place by an
-    atomic rename, so readers never see half a file and pruning the checkpoint later does not remove it.
+    ``write(checkpoint_file, tmp)`` makes the file: by default a hard link to the checkpoint's copy (pruning the
+    checkpoint later does not remove it); LoRA runs merge the adapters (``libs.lora.write_merged``). It is put in
+    place by an atomic rename, so readers never see half a file.
     """
     step = state['best_step'] if state['best_step'] > 0 else newest_step
     info = dict(step=step, selected_by='best validation EMA loss' if state['best_step'] > 0 else 'newest checkpoint',
@@ -351,10 +545,7 @@ def export_ema(run_dir: str, state: dict, newest_step: int) -> dict:
     source, tmp = os.path.join(run_dir, info['checkpoint'], EXPORT), path + '.tmp'
     if os.path.exists(tmp):
         os.remove(tmp)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
+    write(source, tmp)
     os.replace(tmp, path)
     atomic_write_json(meta, info)
     return info

@@ -334,6 +334,7 @@ def build_nnet(nnet_config) -> UViT:
     """Build a U-ViT from an ``nnet`` config (official keys plus ``name``); unknown names list the valid ones."""
     kwargs = dict(nnet_config)
     name = kwargs.pop('name', None)
+    kwargs.pop('compile', None)  # how the network runs, not what it is: libs.pipeline.compile_nnet applies it
     if name not in NETS:
         raise UserError(f'unknown nnet.name {name!r}; valid names: {", ".join(sorted(NETS))}')
     return UViT(**{**NETS[name], **kwargs})
@@ -387,6 +388,9 @@ def load_nnet_weights(model: UViT, path: str, log=None) -> List[str]:
         new = []  # a fine-tuned checkpoint must carry the whole condition segment
     problems = describe_mismatch({k: s for k, s in expected.items() if k not in new},
                                  {k: v.shape for k, v in sd.items()})
+    if problems and any('.lora_' in k for k in sd):
+        from libs.lora import checkpoint_hint
+        raise UserError(checkpoint_hint(path))
     if problems:
         raise UserError(f'U-ViT checkpoint {path} does not fit the configured model ({problems}). '
                         'Check config.nnet (name, embed_dim, depth, text_dim, ...) against the checkpoint.')

@@ -248,12 +248,13 @@ def read_outputs(config, run, folder):
     return measure.read_evaluation(*classifier(run), folder, resolution(config))
 
 
-def evaluate(config, run, folder, nnet, features):
-    """eval_avamerg.py at the config's sampling setting, then both instruments on its outputs."""
+def evaluate(config, run, folder, nnet, features, untrained=False):
+    """eval_avamerg.py at the config's sampling setting, then both instruments on its outputs; `untrained` evaluates
+    a network whose speaker path has not been trained yet (the fine-tune's starting point)."""
     import eval_avamerg
-    line = eval_command(config, run, nnet, features, folder)
+    line = eval_command(config, run, nnet, features, folder, *(['--allow_untrained_condition'] if untrained else []))
     summary = eval_avamerg.evaluate(config, nnet, 'test', features, config.demo.eval.pairs, True, folder,
-                                    config.demo.eval.batch_size)
+                                    config.demo.eval.batch_size, allow_untrained_condition=untrained)
     return dict(commands=[line], metrics=summary['metrics'], reads=read_outputs(config, run, folder),
                 settings={k: summary[k] for k in ('checkpoint', 'samples', 'sample_steps', 'guidance_scale', 'seed')})
 
@@ -301,7 +302,8 @@ def shuffled(config, run, folder):
 
 def pretrained(config, run, folder):
     """The control: the fine-tune's starting point (the pre-trained UniDiffuser, zero gates, an untrained head)."""
-    return evaluate(config, run, folder, os.path.join(run.folder('init'), 'nnet_init.safetensors'), config.data.test)
+    return evaluate(config, run, folder, os.path.join(run.folder('init'), 'nnet_init.safetensors'), config.data.test,
+                    untrained=True)
 
 
 def online(config, run, folder):
@@ -370,18 +372,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     from libs.demo import report, stages
-    from libs.errors import UserError
     out = os.path.abspath(args.out)
     run = Run(out, {}, {})
     for role in ('finetune', 'pretrain'):
         run.configs[role], run.flags[role] = load_config(out, args.quick, args.seed, pretrain=role == 'pretrain')
     table = [stages.Stage(name, functools.partial(fn, run.configs[role], run), keys, deps, what, run.configs[role])
              for name, fn, role, keys, deps, what in STAGES]
-    try:
-        markers = stages.run_stages(table, run.configs['finetune'], out)
-    except UserError as err:
-        logger.error('%s', err)
-        return 2
+    markers = stages.run_stages(table, run.configs['finetune'], out)
     summary = report.write_report(out, run.configs['finetune'], markers, 'quick' if args.quick else 'full')
     print(report.terminal_summary(summary, os.path.join(out, 'report.html')))
     return 0
@@ -392,4 +389,5 @@ if __name__ == '__main__':
     # Set before torch loads (here and in the tools the demo starts, which inherit the environment).
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
-    sys.exit(main())
+    from libs import cli
+    sys.exit(cli.call(main))

@@ -28,6 +28,7 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSn
 from huggingface_hub.utils import filter_repo_objects  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from libs import cli  # noqa: E402
 from libs.avamerg import (FRAME_SUFFIXES, VIDEO_SUFFIX, MediaIndex, annotation_path, iter_pairs,  # noqa: E402
                           read_dialogues)
 from libs.errors import UserError  # noqa: E402
@@ -332,4 +333,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli.call(main))

@@ -15,6 +15,7 @@ import sys
 # Run as a file, Python puts scripts/ (not the repository root) on the path; libs/ lives in the root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from libs import cli  # noqa: E402
 from libs.synthetic import LAYOUTS, TEST_GOLD, TEST_IDS, make_dataset  # noqa: E402
 
 MAX_DIALOGUES = 99_999  # conversation IDs are 5-digit strings
@@ -66,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli.call(main))

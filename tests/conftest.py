@@ -25,11 +25,7 @@ def pytest_runtest_makereport(item, call):
 def tiny_models(tmp_path_factory):
     """Tiny random components in the official layouts, written once per test session; returns their folder."""
     from common import tiny
-    from libs.tiny_models import make_tiny_models, randomize_
-    from libs.uvit import build_nnet
-    import torch
+    from libs.tiny_models import make_tiny_models
     root = str(tmp_path_factory.mktemp('tiny_models'))
-    make_tiny_models(tiny(root), seed=0)
-    empath = tiny(root, condition=True)
-    torch.save(randomize_(build_nnet(empath.nnet), 4).state_dict(), empath.nnet_path)
+    make_tiny_models(tiny(root), seed=0, empath_config=tiny(root, condition=True))
     return root

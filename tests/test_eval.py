@@ -226,7 +226,7 @@ def test_raw_eval_writes_every_artefact_and_scores_it(baseline, data, inception)
     assert saved == json.loads(json.dumps(summary))
     models = os.path.dirname(saved['checkpoint'])
     for key, value in dict(split='test', samples=n, sample_steps=4, speaker_guidance='no_speaker', guidance_scale=7.0,
-                           scale_text=None, scale_face=None, sampler='dpm_solver_fast', seed=1234, precision=None,
+                           scale_text=None, scale_face=None, sampler='dpm_solver_fast', seed=1234, precision='fp32',
                            autocast='fp32', caption_decoder=os.path.join(models, 'caption_decoder.pth'), nfe=4,
                            guidance_branches=2,
                            fid_computed=True, gold=dict(pairs=n, response=n, emotion_word=n, label=n),

@@ -183,8 +183,9 @@ def test_killed_run_resumes_to_identical_shards(tiny, baseline, tmp_path, caplog
     out = str(tmp_path / 'train')
     killed = cli(models, data, out, launcher=(sys.executable, '-c', KILL_DURING_SECOND_SHARD))
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ['.tmp-shard-00001.safetensorsx', 'extraction.json', 'shard-00000.json',
-                                       'shard-00000.safetensors', 'shard-00001.json']
+    assert sorted(n for n in os.listdir(out) if not n.startswith('.lock')) == [
+        '.tmp-shard-00001.safetensorsx', 'extraction.json', 'shard-00000.json', 'shard-00000.safetensors',
+        'shard-00001.json']
     first = os.stat(os.path.join(out, 'shard-00000.safetensors'))
     with caplog.at_level('INFO'):
         extract(tiny_config(models, root=data, train=out))
@@ -292,6 +293,8 @@ def test_val_split_is_held_out_of_train_json_and_precision_is_recorded(tiny, tmp
     assert ids['train'] | ids['val'] <= everything
     with pytest.raises(UserError, match='split'):
         extract(tiny_config(models, root=data), 'dev')
+    with pytest.raises(UserError, match='val_fraction=1e-09 holds out none'):
+        extract(tiny_config(models, root=data, val_fraction=1e-9, val=str(tmp_path / 'none')), 'val')
 
 
 def test_goldless_test_split_extracts_with_empty_gold(tiny, tmp_path):

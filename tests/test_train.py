@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train_empath
 from configs.avamerg_tiny import get_config
-from libs import trainer
+from libs import cli, trainer
 from libs.avamerg import EMOTIONS_32, coarse_index
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
@@ -348,7 +348,7 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path):
 
 KILL_DURING_SAVE = '''
 import os, runpy, signal, sys
-from libs import trainer
+from libs import cli, trainer
 export = trainer.export_nnet
 def export_then_die(state_dict, path, config, step):
     export(state_dict, path, config, step)
@@ -477,15 +477,15 @@ def test_nonfinite_guard_stops_with_exit_code_and_skips_updates(tiny_root, tmp_p
     poison_from(monkeypatch, 3)
     argv = ['train_empath.py', f'--config=configs/avamerg_tiny.py:{tiny_root}', f'--config.workdir={tmp_path}',
             *overrides(dict(n_steps=20, log_every=1, val_every=0, ckpt_every=2, keep_last=5, max_nonfinite=3))]
-    monkeypatch.setattr(sys, 'argv', argv)   # config_flags reads its --config.* overrides from sys.argv
-    if 'config' not in train_empath.FLAGS:  # the script defines its flags only when run as a script
-        train_empath.define_flags()
-    train_empath.FLAGS(argv)
+    defined = set(train_empath.FLAGS)
+    train_empath.define_flags()  # the script defines its flags only when run as a script
     try:
         with pytest.raises(SystemExit) as exit_info:
-            train_empath.main([])
+            cli.run(train_empath.main, argv)   # the script's error path: parse, run, exit code
     finally:
         train_empath.FLAGS.unparse_flags()
+        for name in set(train_empath.FLAGS) - defined:
+            delattr(train_empath.FLAGS, name)
     assert exit_info.value.code == trainer.DIVERGED_EXIT_CODE
     run = os.path.join(tmp_path, 'avamerg_tiny')
     assert '3 consecutive non-finite steps' in open(os.path.join(run, 'log.txt')).read()
