@@ -110,7 +110,7 @@ def get_config(arg='out/demo'):
         # (and pose) only; speakers are drawn from all avatars, as in AvaMERG.
         listeners=(7,),
         # The codec: reconstruction (L1) + a small KL, as the LDM autoencoders are trained (minus the GAN).
-        codec=d(steps=400 if quick else 900, batch_size=16, lr=2e-3, kl_weight=1e-6, faces=2000),
+        codec=d(steps=600 if quick else 900, batch_size=16, lr=2e-3, kl_weight=1e-6, faces=2000),
         # Held-out test pairs every evaluation answers (at most: the quick test split has about 150).
         eval=d(pairs=160, batch_size=32),
         # The guidance-scale x steps sweep of the fine-tuned network (its default setting is one of the cells).
