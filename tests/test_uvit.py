@@ -85,7 +85,7 @@ def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=
 
     With ``cond`` (a speaker-turn dict of the same five inputs) it is the EmpathDiffuser extension of DESIGN §2,
     written out the same way: the speaker segment (positions pos_embed_cond + segment_embed, [EMO] appended) runs
-    through the blocks on its own; each block's response attention adds cond_gate (one gate per head) times a
+    through the blocks on its own; each block's response attention adds cond_gate (a linear map per head) applied to a
     separate softmax attention over that block's speaker keys/values; the emotion head reads [EMO]'s final state.
     """
     D, H, p = cfg['embed_dim'], cfg['num_heads'], cfg['patch_size']
@@ -106,7 +106,7 @@ def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=
         q, k, v = lin(x, name + '.attn.qkv').reshape(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
         att = attend(q, k, v)
         if cond_kv is not None:
-            att = att + params[name + '.attn.cond_gate'].view(1, H, 1, 1) * attend(q, *cond_kv)
+            att = att + attend(q, *cond_kv) @ params[name + '.attn.cond_gate'][None]    # (H, D/H, D/H) per head
         x = ln(x + lin(att.transpose(1, 2).reshape(B, L, D), name + '.attn.proj'), name + '.norm2')
         h = lin(F.gelu(lin(x, name + '.mlp.fc1')), name + '.mlp.fc2')
         return ln(x + h, name + '.norm3'), (k, v)
