@@ -50,7 +50,8 @@ def define_flags():
     """The command line (defined only when run as a script, so importing this module defines no flags)."""
     config_flags.DEFINE_config_file('config', DEMO_CONFIG, 'config of the served model; default: the `make demo` '
                                     'model', lock_config=False)
-    flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors); default: config.nnet_path')
+    flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors, or a train_empath.py '
+                        'ckpts/<step>.ckpt folder); default: config.nnet_path')
     flags.DEFINE_string('host', None, 'address to listen on; default: GRADIO_SERVER_NAME if set, else 127.0.0.1')
     flags.DEFINE_integer('port', None, 'port; default: GRADIO_SERVER_PORT if set, else the first free from 7860')
 
@@ -314,7 +315,7 @@ def serve(config, nnet_path, host=None, port=None):
     """Load the components once and serve the page until the process is stopped."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     comp = pipeline.load_components(config, device, nnet_path)
-    page = build_app(comp, nnet_path or config.nnet_path)
+    page = build_app(comp, comp.nnet_path)
     host = host or os.environ.get('GRADIO_SERVER_NAME') or '127.0.0.1'
     page.launch(server_name=host, server_port=port, share=False, footer_links=['api', 'settings'], run_history=False,
                 enable_monitoring=False, pwa=False, mcp_server=False, css=CSS)

@@ -428,15 +428,17 @@ def prepare(config, output_path, nnet_path=None, split='test', features=None, li
     config_check.check(config, 'model', 'sample')
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UserError(f'--batch_size={batch_size} and --limit={limit} must be at least 1')
+    what = f'evaluating {hub.nnet_ref(config, nnet_path)}'
+    pipeline.check_speaker_network(what, config, nnet_path, fetched=False)  # before anything is fetched
     hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
     acc = Accelerator()
-    nnet_path = nnet_path or config.nnet_path
     inception_path = config.get('eval', {}).get('inception_path') or None
     # Before loading anything: FID needs the standard Inception network, or an explicit --skip_fid.
     inception = None if skip_fid else metrics.load_inception(inception_path).to(acc.device)
     runlock.take(output_path, 'evaluation')
-    comp = pipeline.load_components(config, acc.device, nnet_path, need_text=features is None)
-    pipeline.check_condition_trained(comp.nnet, f'evaluating {nnet_path}', allow_untrained_condition)
+    comp = pipeline.load_components(config, acc.device, nnet_path, need_text=features is None, speaker_for=what)
+    nnet_path = comp.nnet_path
+    pipeline.check_condition_trained(comp.nnet, what, allow_untrained_condition)
     source = FeatureSource(comp, config, split, features) if features else RawSource(comp, config, split)
     if source.reader is None:
         if inception is not None:
@@ -638,7 +640,8 @@ def define_flags():
     """Define the command-line flags (on demand, so importing this module defines none)."""
     config_flags.DEFINE_config_file('config', None, 'EmpathDiffuser config (e.g. configs/avamerg_empath.py)',
                                     lock_config=False)
-    flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors); default: config.nnet_path')
+    flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors, or a train_empath.py '
+                        'ckpts/<step>.ckpt folder); default: config.nnet_path')
     flags.DEFINE_enum('split', 'test', ['train', 'val', 'test'], 'AvaMERG split to evaluate')
     flags.DEFINE_string('features', None, 'feature cache of the split (extract_features.py); default: encode the '
                         'raw frames and texts under config.data.root')

@@ -38,7 +38,8 @@ def define_flags():
     flags.DEFINE_integer('n_samples', 1, 'number of samples')
     flags.DEFINE_integer('nrow', 4, 'images per row of grid.png')
     flags.DEFINE_string('output_path', 'out', 'output folder; results go to <output_path>/<mode>/')
-    flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors); default: config.nnet_path')
+    flags.DEFINE_string('nnet_path', None, 'U-ViT weights (.pth or .safetensors, or a train_empath.py '
+                        'ckpts/<step>.ckpt folder); default: config.nnet_path')
     flags.DEFINE_bool('allow_untrained_condition', False, 'run an empath mode even though the network\'s speaker '
                       'segment is untrained (the speaker then has no effect and the emotions are random)')
     flags.mark_flag_as_required('mode')
@@ -99,7 +100,8 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
         os.makedirs(output_path, exist_ok=True)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     needs = modes.MODE_INPUTS[mode]
-    comp = pipeline.load_components(config, device, nnet_path)
+    comp = pipeline.load_components(config, device, nnet_path,
+                                    speaker_for=f'mode {mode}' if mode in modes.EMPATH_MODES else None)
     generator = torch.Generator(device).manual_seed(config.seed)
     ctx = pipeline.make_context(comp, generator)
     if device.type == 'cuda':
@@ -111,7 +113,7 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
     used = dict(prompt=prompt if {'prompt', 'speaker'} & set(needs) else None,
                 img=img if {'img', 'speaker'} & set(needs) else None)
     record = dict(mode=mode, inputs=used, n_samples=n_samples, seed=config.seed,
-                  nnet_path=nnet_path or config.nnet_path, settings=config.sample.to_dict(),
+                  nnet_path=comp.nnet_path, settings=config.sample.to_dict(),
                   precision=precision.name_of(ctx.autocast_dtype),  # what ran (settings.precision may say 'auto')
                   seconds_per_sample=round(seconds / n_samples, 3),
                   peak_memory_gb=round(pipeline.peak_memory_gb(device), 3),

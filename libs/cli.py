@@ -10,8 +10,10 @@ should be, a missing file) — prints one line on stderr (``error: <what, where,
 (``UserError.exit_code``: train_empath.py's diverged run exits 3). Ctrl-C exits 130 without a traceback. Anything
 else is a bug in the code and keeps its traceback.
 
-absl's own parser exits 1 on a flag error; ``parse_flags`` raises ``UserError`` instead. Under ``accelerate launch`` or
-torchrun, ``run`` also makes the process end when its launcher dies, so a killed launcher leaves no worker behind.
+absl's own parser exits 1 on a flag error; ``parse_flags`` raises ``UserError`` instead. absl also exits 1 after
+printing the help a user asked for (``--help``, ``-h``, ``--helpfull``...); ``run`` exits 0 then. Under
+``accelerate launch`` or torchrun, ``run`` also makes the process end when its launcher dies, so a killed launcher
+leaves no worker behind.
 """
 import ctypes
 import difflib
@@ -199,10 +201,25 @@ def config_problem(argv, flag_values, only_unloaded: bool = False) -> Optional[s
     return None
 
 
+HELP = re.compile(r'--?(help|helpshort|helpfull|helpxml|\?|h)')  # absl's help flags, and -h for --help
+
+
+def asks_for_help(argv) -> bool:
+    """Whether the command line asks for absl's help (before any ``--``)."""
+    for arg in argv[1:]:
+        if arg == '--':
+            return False
+        if HELP.fullmatch(arg):
+            return True
+    return False
+
+
 def parse_flags(argv):
     """absl's flag parsing (``FLAGS(argv)``), raising a one-line UserError for bad flags and config files."""
     from absl import flags
     flag_values = flags.FLAGS
+    # absl has no -h; it means --help in nearly every other command-line tool.
+    argv = [argv[0], *('--help' if arg == '-h' else arg for arg in argv[1:])] if '-h' in argv[1:] else argv
     try:
         rest = flag_values(argv)
     except flags.Error as err:
@@ -220,12 +237,17 @@ def parse_flags(argv):
 
 
 def _parse_or_exit(argv, flags_parser):
-    """Run the flags parser inside absl's app.run; a user error prints one line and exits 2 before main runs."""
+    """Run the flags parser inside absl's app.run; a user error prints one line and exits 2 before main runs, and
+    help that was asked for exits 0 (absl's help flags exit 1 after printing it)."""
     try:
         return flags_parser(argv)
     except UserError as err:
         report(err)
         sys.exit(err.exit_code)
+    except SystemExit as exit_:
+        if exit_.code == 1 and asks_for_help(argv):
+            sys.exit(0)
+        raise
 
 
 def run(main, argv=None, flags_parser=parse_flags) -> None:

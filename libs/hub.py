@@ -148,18 +148,37 @@ class Part:
     exports: str = ''             # where that script puts them, a glob under config.workdir
 
 
+NNET_EXPORT = 'nnet_ema.safetensors'  # the EMA network train_empath.py writes into each checkpoint and its run folder
 FINE_TUNED_NNET = dict(
-    produced_by='a fine-tuned U-ViT is written by train_empath.py, as <workdir>/<name>/ckpts/<step>.ckpt/'
-                'nnet_ema.safetensors (EMA weights, the ones to sample with) and nnet.safetensors',
-    exports=os.path.join('*', 'ckpts', '*.ckpt', 'nnet_ema.safetensors'))
+    produced_by=f'a fine-tuned U-ViT is written by train_empath.py, as <workdir>/<name>/ckpts/<step>.ckpt/'
+                f'{NNET_EXPORT} (EMA weights, the ones to sample with) and nnet.safetensors',
+    exports=os.path.join('*', 'ckpts', '*.ckpt', NNET_EXPORT))
 FINE_TUNED_DECODER = dict(
     produced_by='a fine-tuned caption decoder is written by train_caption_decoder.py, as '
                 '<workdir>/<name>/caption_decoder.pth', exports=os.path.join('*', 'caption_decoder.pth'))
+# What a U-ViT reference (--nnet_path, config.nnet_path) may name, for the messages about one that names something else.
+NNET_EXPECTED = (f'Expected an official UniDiffuser U-ViT (uvit_v1.pth or uvit_v0.pth, e.g. hf://{UNIDIFFUSER_V1}/'
+                 f'uvit_v1.pth), a network train_empath.py exported (<workdir>/<name>/{NNET_EXPORT} or '
+                 f'<workdir>/<name>/ckpts/<step>.ckpt/{NNET_EXPORT}, which carry their config), or a '
+                 f'<workdir>/<name>/ckpts/<step>.ckpt folder.')
+
+
+def nnet_ref(config, nnet_path: Optional[str] = None) -> str:
+    """The U-ViT a run samples with: --nnet_path, else config.nnet_path; a checkpoint (or run) folder of
+    train_empath.py stands for the EMA network in it. Any other folder is a UserError."""
+    ref = nnet_path or config.nnet_path
+    if parse(ref) is not None or not os.path.isdir(ref):
+        return ref
+    export = os.path.join(ref, NNET_EXPORT)
+    if os.path.isfile(export):
+        return export
+    raise UserError(f'{"--nnet_path" if nnet_path else "config.nnet_path"}={ref} is a folder without '
+                    f'{NNET_EXPORT}, so not a checkpoint of train_empath.py. {NNET_EXPECTED}')
 
 
 def _nnet(config, nnet_path):
-    """The U-ViT to sample with: the --nnet_path flag, else config.nnet_path."""
-    return [Part('U-ViT', '--nnet_path' if nnet_path else 'nnet_path', nnet_path or config.nnet_path,
+    """The U-ViT to sample with: the --nnet_path flag, else config.nnet_path (``nnet_ref``)."""
+    return [Part('U-ViT', '--nnet_path' if nnet_path else 'nnet_path', nnet_ref(config, nnet_path),
                  **FINE_TUNED_NNET)]
 
 
@@ -427,6 +446,14 @@ def preflight(config, names: Sequence[str], nnet_path: Optional[str] = None) -> 
     for part, path in zip(parts, paths):
         logger.debug('%s: %s -> %s', part.key, part.ref, path)
     return {part.key: path for part, path in zip(parts, paths)}
+
+
+def cached_path(ref: str) -> Optional[str]:
+    """The local file a file reference stands for when it is already on this machine (no network), else None."""
+    hub = parse(ref)
+    if hub is None:
+        return ref if os.path.isfile(ref) else None
+    return _cached(hub, hub.path, _cache_dir())
 
 
 def local_path(ref: str, kind: str = 'file', local_files_only: bool = False, what: str = 'weights') -> str:

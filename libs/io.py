@@ -15,26 +15,66 @@ from libs.errors import UserError
 from libs.hub import local_path
 
 
-def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -> Dict[str, torch.Tensor]:
-    """Load a flat tensor dict from .safetensors or a .pth/.pt/.ckpt file (local, or an ``hf://`` reference, see
-    libs/hub.py), never unpickling arbitrary objects."""
-    path = local_path(path, what=what)
-    if not os.path.isfile(path):
-        hint = f' {how_to_get}' if how_to_get else ''
-        raise UserError(f'{what} not found: {path}.{hint}')
+def weights_format(path: str) -> Optional[str]:
+    """'safetensors' or 'torch' as a file's first bytes say (whatever its name), or None for anything else."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    # safetensors: the JSON header's size (8 bytes, little-endian: its first byte may be anything), then the header
+    if len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path):
+        return 'safetensors'
+    if head[:4] == b'PK\x03\x04' or head[:1] == b'\x80':  # torch.save's zip archive, or a legacy pickle
+        return 'torch'
+    return None
+
+
+def not_weights(path: str) -> str:
+    """What a file that is neither safetensors nor a PyTorch checkpoint is, for messages."""
+    with open(path, 'rb') as f:
+        head = f.read(4096)
+    if not head:
+        return 'the file is empty'
     try:
-        if path.endswith('.safetensors'):
+        text = head.decode('utf-8')
+    except UnicodeDecodeError:
+        return 'it is neither a safetensors file nor a PyTorch checkpoint'
+    return f'it is a {"JSON" if text.lstrip()[:1] in "{[" else "text"} file, not a safetensors file or a PyTorch ' \
+           'checkpoint'
+
+
+def load_error(err: Exception) -> str:
+    """A loader's error in one short line (torch's refusal to unpickle objects is a paragraph)."""
+    found = re.search(r'WeightsUnpickler error: (.*?)(?:\s+Check the documentation|$)', str(err), re.S)
+    if found:
+        return f'it holds Python objects besides tensors ({found[1].strip()}), which are never unpickled'
+    lines = str(err).strip().splitlines()
+    return f'{type(err).__name__}: {lines[0]}' if lines else type(err).__name__
+
+
+def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -> Dict[str, torch.Tensor]:
+    """Load a flat tensor dict from a safetensors file or a .pth/.pt/.ckpt file (local, or an ``hf://`` reference,
+    see libs/hub.py), never unpickling arbitrary objects. The format is read off the file's first bytes."""
+    path = local_path(path, what=what)
+    hint = f' {how_to_get}' if how_to_get else ''
+    if not os.path.isfile(path):
+        raise UserError(f'{what} not found: {path}.{hint}')
+    kind = weights_format(path)
+    if kind is None:
+        raise UserError(f'cannot read {what} {path}: {not_weights(path)}.{hint}')
+    try:
+        if kind == 'safetensors':
             from safetensors.torch import load_file
             return load_file(path)
         sd = torch.load(path, map_location='cpu', weights_only=True)
-    except UserError:
-        raise
     except Exception as e:  # a truncated or foreign file: say which one, not a stack trace
-        raise UserError(f'cannot read {what} {path}: {type(e).__name__}: {e}') from e
+        raise UserError(f'cannot read {what} {path}: {load_error(e)}.{hint}') from e
     if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict):
         sd = sd['state_dict']
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f'{what} {path} is not a flat dict of tensors')
+    if not isinstance(sd, dict):
+        raise UserError(f'{what} {path} holds a {type(sd).__name__}, not a dict of tensors.{hint}')
+    other = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        raise UserError(f'{what} {path} is not a flat dict of tensors ({other!r}: {type(sd[other]).__name__}, not a '
+                        f'tensor).{hint}')
     return sd
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from libs import modes, precision
 from libs.diffusion import NoiseScheduleVP, get_sampler, stable_diffusion_betas
 from libs.errors import UserError
-from libs.uvit import UViT, build_nnet, checkpoint_config, load_nnet_weights
+from libs.uvit import NETS, UViT, build_nnet, checkpoint_config, load_nnet_weights
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ class Components:
     clip_text: Optional[object] = None
     clip_img: Optional[object] = None
     caption_decoder: Optional[torch.nn.Module] = None
+    nnet_path: str = ''                     # the U-ViT's reference (libs.hub.nnet_ref)
+    nnet_config: Optional[dict] = None      # the nnet config it was built from, and where that came from
+    nnet_where: str = 'config.nnet'
 
     @property
     def resolution(self) -> int:
@@ -43,19 +46,70 @@ def needed_parts(need_images=True, need_text=True):
         (('autoencoder', 'clip_img') if need_images else ())
 
 
-def load_components(config, device, nnet_path=None, need_images=True, need_text=True) -> Components:
-    """Build every network from the config and load its weights (each loader fails loudly on missing files)."""
+def nnet_source(config, nnet_path=None, fetched=True):
+    """(nnet config, where it is from) of the U-ViT ``load_components`` builds.
+
+    A train_empath.py export rebuilds its own network (the config it was trained with, in its metadata), whatever
+    config.nnet says. Before the files are fetched (``fetched=False``) a .safetensors file not on this machine yet may
+    be such an export: (None, its reference) then.
+    """
     from libs import hub
+    ref = hub.nnet_ref(config, nnet_path)
+    local = hub.local_path(ref) if fetched else hub.cached_path(ref)
+    if local is None and ref.endswith('.safetensors'):
+        return None, ref
+    exported = checkpoint_config(local) if local else None
+    return (exported['nnet'], f'the nnet config stored in {ref}') if exported else (config.nnet, 'config.nnet')
+
+
+def check_speaker_segment(what: str, nnet_config, where: str, config) -> None:
+    """Refuse to answer a speaker (``what``: 'mode empath', ...) with a UniDiffuser U-ViT, which has no speaker
+    segment, naming the config to use instead. Unknown names pass: building the network lists the valid ones."""
+    name = nnet_config.get('name')
+    if name not in NETS or NETS[name].get('condition'):
+        return
+    tiny = config.get('local_weights')  # the tiny components of scripts/make_tiny_models.py
+    if tiny:
+        folder = '' if tiny['folder'] == 'models/tiny' else f':{tiny["folder"]}'
+        instead = f'for the tiny components use --config=configs/sample_tiny_empath.py{folder}'
+    else:
+        instead = ('use an EmpathDiffuser checkpoint with its config, e.g. --config=configs/avamerg_empath.py '
+                   '--nnet_path=workdir/avamerg_empath/nnet_ema.safetensors (written by train_empath.py)')
+    raise UserError(f'{what} needs an EmpathDiffuser network (nnet.name=uvit_empath), but {where} has '
+                    f'name={name!r}: a UniDiffuser U-ViT without a speaker segment; {instead}. '
+                    'The other modes run on it')
+
+
+def check_speaker_network(what: str, config, nnet_path=None, fetched=True) -> None:
+    """``check_speaker_segment`` of the U-ViT ``load_components`` builds (before fetching: when that is known)."""
+    nnet_config, where = nnet_source(config, nnet_path, fetched)
+    if nnet_config is not None:
+        check_speaker_segment(what, nnet_config, where, config)
+
+
+def load_components(config, device, nnet_path=None, need_images=True, need_text=True,
+                    speaker_for: Optional[str] = None) -> Components:
+    """Build every network from the config and load its weights (each loader fails loudly on missing files).
+
+    ``speaker_for`` says what will answer a speaker ('mode empath', ...): a network without a speaker segment is
+    then refused before anything is fetched or built.
+    """
+    from libs import hub
+    if speaker_for:
+        check_speaker_network(speaker_for, config, nnet_path, fetched=False)
     hub.preflight(config, needed_parts(need_images, need_text), nnet_path)  # all missing files, before any import
     from libs.autoencoder import load_autoencoder
     from libs.caption_decoder import load_caption_decoder
     from libs.clip_encoders import CLIPImageEncoder, CLIPTextEncoder
 
-    nnet_path = nnet_path or config.nnet_path
-    # A train_empath.py export rebuilds its own network (the config it was trained with), whatever config.nnet says.
-    nnet = build_nnet((checkpoint_config(hub.local_path(nnet_path)) or config).get('nnet'))
+    nnet_path = hub.nnet_ref(config, nnet_path)
+    nnet_config, where = nnet_source(config, nnet_path)
+    if speaker_for:
+        check_speaker_segment(speaker_for, nnet_config, where, config)
+    nnet = build_nnet(nnet_config, where)
     load_nnet_weights(nnet, nnet_path, logger)
-    comp = Components(config, device, nnet.to(device).eval().requires_grad_(False))
+    comp = Components(config, device, nnet.to(device).eval().requires_grad_(False), nnet_path=nnet_path,
+                      nnet_config=nnet_config, nnet_where=where)
     if config.nnet.compile:
         compile_nnet(comp.nnet)
     cd = config.caption_decoder
@@ -206,18 +260,12 @@ def top_emotions(probs: torch.Tensor, names: List[str], k: int = 3):
 
 
 def check_condition_trained(nnet: UViT, what: str, allow_untrained: bool = False) -> None:
-    """Refuse to answer a speaker with a network whose speaker segment is missing or untrained, unless allowed.
+    """Refuse to answer a speaker with a network whose speaker segment is untrained, unless allowed (one without a
+    speaker segment at all is refused earlier, by ``check_speaker_segment``).
 
     An official UniDiffuser checkpoint loaded into EmpathDiffuser (or a network never fine-tuned) has zero gates: the
     speaker has no effect and the emotion head is random, so its 'responses' and emotions would mean nothing.
     """
-    if not nnet.condition:
-        raise UserError(f'{what} needs an EmpathDiffuser network (nnet.name=uvit_empath); this one is a UniDiffuser '
-                        'U-ViT without a speaker segment. Pass one with its config: '
-                        '--config=configs/sample_tiny_empath.py (the tiny random one of scripts/make_tiny_models.py), '
-                        'or a training config with its run\'s '
-                        'export, e.g. --config=configs/avamerg_empath.py '
-                        '--nnet_path=workdir/avamerg_empath/nnet_ema.safetensors')
     if not nnet.condition_is_trained() and not allow_untrained:
         raise UserError(f'{what}: the network\'s speaker segment is untrained (every gate is zero, e.g. an official '
                         'UniDiffuser checkpoint or a network before fine-tuning), so the speaker has no effect and the '
@@ -232,6 +280,7 @@ def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, pr
     inputs = dict(n=n_samples)
     conditional = comp.nnet.condition
     if mode in modes.EMPATH_MODES:
+        check_speaker_segment(f'mode {mode}', comp.nnet_config, comp.nnet_where, comp.config)
         check_condition_trained(comp.nnet, f'mode {mode}', allow_untrained_condition)
         inputs.update(encode_speaker(comp, ctx, n_samples, image, prompt))
     else:

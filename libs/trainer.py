@@ -31,6 +31,7 @@ from libs.diffusion import modality_losses
 from libs.distributed import full_tensor
 from libs.errors import UserError
 from libs.features import TENSOR_DTYPES, derive_seed, nonfinite_rows, pair_id
+from libs.hub import NNET_EXPORT
 from libs.io import atomic_write_json
 from libs.uvit import NETS, build_nnet, checkpoint_config, load_nnet_weights
 
@@ -514,7 +515,7 @@ def resume(run_dir, config, accelerator, nnet, ema, optimizer, scheduler, digest
     return state
 
 
-EXPORT, EXPORT_INFO = 'nnet_ema.safetensors', 'nnet_ema.json'
+EXPORT, EXPORT_INFO = NNET_EXPORT, 'nnet_ema.json'
 
 
 def link_or_copy(source: str, dest: str) -> None:

@@ -341,14 +341,20 @@ NETS = {
 }
 
 
-def build_nnet(nnet_config) -> UViT:
-    """Build a U-ViT from an ``nnet`` config (official keys plus ``name``); unknown names list the valid ones."""
+def build_nnet(nnet_config, where: str = 'config.nnet') -> UViT:
+    """Build a U-ViT from an ``nnet`` config (official keys plus ``name``); unknown names list the valid ones.
+
+    ``where`` names the config for messages (e.g. the export whose metadata it comes from).
+    """
     kwargs = dict(nnet_config)
     name = kwargs.pop('name', None)
     kwargs.pop('compile', None)  # how the network runs, not what it is: libs.pipeline.compile_nnet applies it
     if name not in NETS:
-        raise UserError(f'unknown nnet.name {name!r}; valid names: {", ".join(sorted(NETS))}')
-    return UViT(**{**NETS[name], **kwargs})
+        raise UserError(f'{where}: unknown nnet.name {name!r}; valid names: {", ".join(sorted(NETS))}')
+    try:
+        return UViT(**{**NETS[name], **kwargs})
+    except TypeError as err:  # a key missing from, or unknown to, the nnet config
+        raise UserError(f'{where} does not describe a U-ViT: {err}') from err
 
 
 def init_condition_from_pretrained(model: UViT) -> None:
@@ -366,22 +372,18 @@ def is_condition_key(name: str) -> bool:
     return name.startswith(CONDITION_KEYS) or name.endswith(GATE_KEY)
 
 
-NNET_HINT = ('A fine-tuned network is a file train_empath.py exported: <workdir>/<name>/ckpts/<step>.ckpt/'
-             'nnet_ema.safetensors. The official weights are hf://thu-ml/unidiffuser-v1/uvit_v1.pth (v0: '
-             'hf://thu-ml/unidiffuser-v0/uvit_v0.pth), fetched into the Hugging Face cache when named so.')
-
-
 def checkpoint_config(path: str) -> Optional[dict]:
     """The resolved config a train_empath.py export carries in its metadata (None for other files)."""
-    if not path.endswith('.safetensors') or not os.path.isfile(path):
+    from libs.io import weights_format
+    if not os.path.isfile(path) or weights_format(path) != 'safetensors':
         return None
     from safetensors import safe_open
     try:
         with safe_open(path, 'pt') as f:
             config = json.loads((f.metadata() or {})['config'])
-    except (OSError, KeyError, TypeError, ValueError):
+    except Exception:  # no config in its metadata, or a broken file (read_state_dict then says what is wrong)
         return None
-    return config if isinstance(config, dict) and 'nnet' in config else None
+    return config if isinstance(config, dict) and isinstance(config.get('nnet'), dict) else None
 
 
 def load_nnet_weights(model: UViT, path: str, log=None) -> List[str]:
@@ -391,8 +393,9 @@ def load_nnet_weights(model: UViT, path: str, log=None) -> List[str]:
     those (and only those) keep their initialisation, the speaker positions start as a copy of the pretrained
     ones, and the list is logged. Anything else missing, unexpected or of another shape is an error.
     """
+    from libs.hub import NNET_EXPECTED
     from libs.io import describe_mismatch, read_state_dict
-    sd = read_state_dict(path, 'U-ViT checkpoint', NNET_HINT)
+    sd = read_state_dict(path, 'U-ViT checkpoint', NNET_EXPECTED)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     new = [k for k in expected if k not in sd and is_condition_key(k)]
     if new and any(k in sd for k in expected if is_condition_key(k)):
@@ -402,9 +405,16 @@ def load_nnet_weights(model: UViT, path: str, log=None) -> List[str]:
     if problems and any('.lora_' in k for k in sd):
         from libs.lora import checkpoint_hint
         raise UserError(checkpoint_hint(path))
+    if problems and not any(k in expected for k in sd):  # another model's weights (a VAE, CLIP...): no key list
+        raise UserError(f'{path} is not a U-ViT checkpoint: none of its {len(sd)} tensors (e.g. '
+                        f'{", ".join(list(sd)[:3])}) is a U-ViT parameter. {NNET_EXPECTED}')
     if problems:
-        raise UserError(f'U-ViT checkpoint {path} does not fit the configured model ({problems}). '
-                        'Check config.nnet (name, embed_dim, depth, text_dim, ...) against the checkpoint.')
+        unexpected = [k for k in sd if k not in expected]
+        hint = 'Check config.nnet (name, embed_dim, depth, text_dim, ...) against the checkpoint.'
+        if unexpected and all(map(is_condition_key, unexpected)) and not model.condition:
+            hint = ('It is an EmpathDiffuser network (it has a speaker segment): load it with nnet.name=uvit_empath, '
+                    'e.g. its training config, or configs/sample_tiny_empath.py for the tiny one.')
+        raise UserError(f'U-ViT checkpoint {path} does not fit the configured model ({problems}). {hint}')
     model.load_state_dict(sd, strict=False)
     if new:
         init_condition_from_pretrained(model)

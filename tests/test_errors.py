@@ -1,6 +1,7 @@
 """Bad input and hostile conditions give one clean error line and lose nothing: every case goes through the entry
 points' real error path (libs.cli), asserting the exit code, that the message names the problem, that no traceback is
 printed and that the files already written are unchanged. One tiny training run and one tiny dataset are shared."""
+import argparse
 import collections
 import contextlib
 import errno
@@ -453,6 +454,95 @@ def test_untrained_condition_is_refused_unless_allowed(tiny_models, tmp_path, ca
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The U-ViT to sample with: an empath mode on a UniDiffuser network, a file or folder that is not a U-ViT
+# ----------------------------------------------------------------------------------------------------------------
+
+def forbid_loading(monkeypatch):
+    """Make fetching components or building a network fail the test: a refusal must come before both."""
+    def never(*args, **kwargs):
+        raise AssertionError('a component was fetched or a network built before the refusal')
+    monkeypatch.setattr('libs.hub.preflight', never)
+    monkeypatch.setattr('libs.pipeline.build_nnet', never)
+
+
+@pytest.mark.parametrize('mode', ['empath', 'empath_t', 'empath_i'])
+def test_empath_modes_refuse_a_unidiffuser_config_before_loading(mode, tiny_models, tmp_path, capsys, monkeypatch):
+    forbid_loading(monkeypatch)
+    code, err = run_main(sample_multi, [f'--mode={mode}', f'--config=configs/sample_tiny.py:{tiny_models}',
+                                        '--prompt=I lost my job', f'--output_path={tmp_path}'], capsys)
+    assert_user_error(code, err, f'mode {mode} needs an EmpathDiffuser network', "name='uvit_multi_post_ln_v1'",
+                      f'--config=configs/sample_tiny_empath.py:{tiny_models}')
+    # The official config (default): refused before its gigabytes are fetched, pointing at a fine-tuned network.
+    code, err = run_main(sample_multi, [f'--mode={mode}', '--prompt=I lost my job', f'--output_path={tmp_path}'],
+                         capsys)
+    assert_user_error(code, err, f'mode {mode}', "name='uvit_multi_post_ln_v1'", '--config=configs/avamerg_empath.py',
+                      'nnet_ema.safetensors')
+    assert os.listdir(tmp_path) == []
+
+
+def test_network_is_judged_by_the_config_it_carries(tiny_models, base_run, tmp_path, capsys):
+    """An export's own config decides (a UniDiffuser --config with a train_empath.py checkpoint folder runs the
+    empath modes); an EmpathDiffuser network runs the UniDiffuser modes (no speaker); eval refuses a UniDiffuser."""
+    folder = base_run / 'avamerg_tiny' / 'ckpts' / '4.ckpt'
+    record = sample_multi.sample(tiny(tiny_models), 'empath_t', 'I lost my job', None, 1, 1, str(tmp_path / 'a'),
+                                 nnet_path=str(folder))
+    assert record['nnet_path'] == str(folder / 'nnet_ema.safetensors') and record['outputs']['emotions']
+    code, err = run_main(sample_multi, ['--mode=t', f'--config=configs/sample_tiny_empath.py:{tiny_models}',
+                                        f'--output_path={tmp_path / "b"}'], capsys)
+    assert code == 0, err[-3000:]
+    assert (tmp_path / 'b' / 't' / 't.txt').is_file()
+    code, err = run_main(eval_avamerg, [f'--config=configs/sample_tiny.py:{tiny_models}', '--skip_fid',
+                                        f'--output_path={tmp_path / "eval"}'], capsys)
+    assert_user_error(code, err, f'evaluating {tiny_models}/uvit_v1.pth needs an EmpathDiffuser network',
+                      'sample_tiny_empath.py')
+    assert not (tmp_path / 'eval').exists()
+
+
+def wrong_nnet_file(kind, folder, tiny_models):
+    """A file or folder that is not a U-ViT checkpoint, and the words its error must name."""
+    path = folder / kind
+    if kind == 'other_model.safetensors':   # the tiny CLIP text encoder's weights
+        shutil.copyfile(f'{tiny_models}/clip_text/model.safetensors', path)
+        return path, ['is not a U-ViT checkpoint', 'none of its']
+    if kind == 'config.json':
+        path.write_text('{"nnet": {"name": "uvit_empath"}}')
+        return path, ['it is a JSON file']
+    if kind == 'empty.safetensors':
+        path.write_bytes(b'')
+        return path, ['the file is empty']
+    if kind == 'objects.pth':   # a training script's checkpoint with its arguments: never unpickled
+        torch.save({'model': {'w': torch.zeros(2)}, 'args': argparse.Namespace(lr=1e-4)}, path)
+        return path, ['holds Python objects besides tensors']
+    if kind == 'bad_config.safetensors':   # an export-like file whose stored nnet config cannot build a U-ViT
+        save_file({'w': torch.zeros(2)}, path, metadata={'config': json.dumps({'nnet': {'name': 'uvit_empath'}})})
+        return path, ['the nnet config stored in', 'does not describe a U-ViT', 'img_size']
+    if kind == 'uvit_empath.pth':   # an EmpathDiffuser network with a UniDiffuser config
+        shutil.copyfile(f'{tiny_models}/uvit_empath.pth', path)
+        return path, ['does not fit', 'It is an EmpathDiffuser network', 'nnet.name=uvit_empath']
+    path.mkdir()   # a folder that is no checkpoint folder
+    return path, ['is a folder without nnet_ema.safetensors']
+
+
+@pytest.mark.parametrize('kind', ['other_model.safetensors', 'config.json', 'empty.safetensors', 'objects.pth',
+                                  'bad_config.safetensors', 'uvit_empath.pth', 'folder'])
+def test_nnet_path_that_is_not_a_network(kind, tiny_models, tmp_path, capsys):
+    path, words = wrong_nnet_file(kind, tmp_path, tiny_models)
+    out = tmp_path / 'out'
+    code, err = run_main(sample_multi, ['--mode=t', f'--config=configs/sample_tiny.py:{tiny_models}',
+                                        f'--nnet_path={path}', f'--output_path={out}'], capsys)
+    expected = [] if kind in ('bad_config.safetensors', 'uvit_empath.pth') else ['uvit_v1.pth', 'ckpts/<step>.ckpt']
+    assert_user_error(code, err, str(path), *words, *expected)
+    assert os.listdir(out) == []
+
+
+def test_eval_names_a_nnet_path_that_is_not_a_network(tiny_models, tmp_path, capsys):
+    path, words = wrong_nnet_file('other_model.safetensors', tmp_path, tiny_models)
+    code, err = run_main(eval_avamerg, [f'--config=configs/avamerg_tiny.py:{tiny_models}', f'--nnet_path={path}',
+                                        '--skip_fid', f'--output_path={tmp_path / "eval"}'], capsys)
+    assert_user_error(code, err, str(path), *words, 'nnet_ema.safetensors')
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Real processes: the exit code and stderr of a script, and workers that end with their launcher
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -462,6 +552,15 @@ def test_real_process_exits_2_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, 'scripts/make_tiny_models.py', f'--out={blocker}/tiny'], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert_user_error(done.returncode, done.stderr, f'{blocker}/tiny', 'Not a directory')
+
+
+@pytest.mark.parametrize('script,flag', [('sample_multi.py', '--help'), ('eval_avamerg.py', '-h')])
+def test_help_exits_0(script, flag):
+    """absl exits 1 after printing the help that was asked for; the entry points exit 0."""
+    done = subprocess.run([sys.executable, script, flag], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '--nnet_path' in done.stdout and '--config' in done.stdout and 'error' not in done.stderr
 
 
 def children(pid):
