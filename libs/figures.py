@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from libs.io import atomic_write_bytes
 
@@ -65,9 +65,15 @@ def plot_series(ax, series: Series, title: str = '', ylabel: str = '', xlabel: s
             drawn += 1
     if log_y and drawn:
         ax.set_yscale('log')
-        # Plain numbers (0.3, 2) on the log axis rather than 3x10^-1: losses are read, not their exponents.
-        for axis_ticks in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis_ticks(FormatStrFormatter('%g'))
+        # Plain numbers (0.3, 2) on the log axis rather than 3x10^-1: losses are read, not their exponents. Between
+        # the decades only 2 and 5 are labelled, and only when the axis spans at most two decades (more would crowd).
+        ax.yaxis.set_major_formatter(FormatStrFormatter('%g'))
+        low, high = ax.get_ylim()
+        if math.log10(high / low) <= 2:
+            ax.yaxis.set_minor_locator(LogLocator(subs=(2., 5.)))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter('%g'))
+        else:
+            ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, alpha=0.3)
     if drawn:

@@ -195,8 +195,8 @@ def start_section(summary: dict) -> str:
     return ('<p>The pre-trained U-ViT is saved as an official <code>uvit_v1.pth</code> (a plain torch state dict of '
             f'{pre["keys"]} tensors, {pre["params"]:,} parameters) and read back strictly into '
             f'<code>{pre["loads_strictly_into"]}</code> by <code>libs.uvit.load_nnet_weights</code>. The fine-tune '
-            'loads it into EmpathDiffuser; its new parameters (speaker positions and segment, per-head gates at zero, '
-            '[EMO] token, emotion head) start from scratch. max |&Delta;&epsilon;| between the EmpathDiffuser and the '
+            'loads it into EmpathDiffuser; its new parameters (speaker positions and segment, the per-head gate '
+            'maps at zero, [EMO] token, emotion head) start from scratch. max |&Delta;&epsilon;| between the EmpathDiffuser and the '
             'pre-trained network on the same noisy responses of held-out (val) pairs:</p>'
             + table(('network', 'with the pairs\' real speaker turns', 'with no speaker', 'val pairs'), rows,
                     numeric_from=1)
