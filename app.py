@@ -26,7 +26,7 @@ import torch
 from absl import flags
 from ml_collections import config_flags
 
-from libs import cli, modes, pipeline, precision
+from libs import cli, logs, modes, pipeline, precision
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def define_flags():
                         'ckpts/<step>.ckpt folder); default: config.nnet_path')
     flags.DEFINE_string('host', None, 'address to listen on; default: GRADIO_SERVER_NAME if set, else 127.0.0.1')
     flags.DEFINE_integer('port', None, 'port; default: GRADIO_SERVER_PORT if set, else the first free from 7860')
+    logs.define_flags()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,17 +324,14 @@ def serve(config, nnet_path, host=None, port=None):
 
 def main(argv):
     del argv
+    logs.setup(FLAGS.verbose)
     logging.getLogger('httpx').setLevel(logging.WARNING)  # gradio checks its own server with httpx: one line each
-    try:
-        nnet_path = FLAGS.nnet_path
-        if not (nnet_path or FLAGS['config'].present):
-            nnet_path = demo_nnet_path(FLAGS.config)
-        serve(FLAGS.config, nnet_path, FLAGS.host, FLAGS.port)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    nnet_path = FLAGS.nnet_path
+    if not (nnet_path or FLAGS['config'].present):
+        nnet_path = demo_nnet_path(FLAGS.config)
+    serve(FLAGS.config, nnet_path, FLAGS.host, FLAGS.port)
 
 
 if __name__ == '__main__':
     define_flags()
-    cli.run(main, argv=sys.argv + shlex.split(os.environ.get(APP_ARGS, '')))
+    cli.run(main, argv=sys.argv + shlex.split(os.environ.get(APP_ARGS, '')), flags_parser=logs.parse_flags)

@@ -1,7 +1,7 @@
 """Feature extraction with the tiny components (scripts/make_tiny_models.py) on a small AvaMERG folder, on a CPU.
 
 Run: ``python extract_features.py --config=configs/extract_tiny.py:<tiny models dir> --config.data.root=<AvaMERG>``.
-The features land where configs/avamerg_tiny.py trains from (``<tiny models dir>/features/{train,test}``).
+The features land where configs/avamerg_tiny.py trains from (``<tiny models dir>/features/{train,val,test}``).
 """
 import os
 import sys

@@ -30,25 +30,6 @@ from absl import flags  # noqa: E402
 from libs import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('size', 'mid', ['tiny', 'mid', 'full'], 'tiny test components, the CPU-sized mid U-ViT or the '
-                  'full 952M one')
-flags.DEFINE_string('modes', None, "comma-separated sampling modes, or 'all' (default: all at full size, "
-                    'joint,t2i,i2t,empath otherwise)')
-flags.DEFINE_string('precisions', None, 'comma-separated config.sample.precision values (default: auto at full '
-                    'size, fp32,auto otherwise)')
-flags.DEFINE_string('batches', '1,4', 'comma-separated samples per batch')
-flags.DEFINE_integer('steps', None, 'sampling steps = NFE (default: 50 at full size, 10 at mid, the config at tiny)')
-flags.DEFINE_integer('repeats', None, 'timed runs per measurement, median reported (default: 1 at mid, 3 otherwise)')
-flags.DEFINE_enum('clock', 'wall', ['wall', 'process'], "wall-clock seconds, or this process's CPU seconds: on a "
-                  'shared CPU run with OMP_NUM_THREADS=1 --clock=process, which other jobs barely change (with '
-                  '--compile also TORCHINDUCTOR_COMPILE_THREADS=1, so that the compile runs where it is counted)')
-flags.DEFINE_boolean('compile', False, 'torch.compile the U-ViTs (libs.pipeline.compile_nnet)')
-flags.DEFINE_boolean('forward_only', False, 'time only U-ViT forwards (full size on a CPU takes seconds each)')
-flags.DEFINE_boolean('profile', False, 'profile the response forward against a plain SDPA transformer of the same '
-                     'size (then nothing else is measured)')
-flags.DEFINE_float('max_minutes', None, 'stop measuring after this long and list what was skipped (default: 7.5 '
-                   'at full size, none otherwise)')
-
 MID = dict(img_size=32, embed_dim=512, depth=12, num_heads=8)  # 16x16 = 256 image tokens with 2x2 patches
 # Targets of the issues for full-size GPU figures (s/sample at bf16, 50 NFE); the other figures have none yet.
 GPU_TARGETS = {('joint', 1): 1.0, ('empath', 1): 0.8}
@@ -448,6 +429,28 @@ def defaults(size):
     return modes_, precisions, steps, repeats, max_minutes
 
 
+def define_flags():
+    """The command line (defined only when run as a script, so importing this module defines no flags)."""
+    flags.DEFINE_enum('size', 'mid', ['tiny', 'mid', 'full'], 'tiny test components, the CPU-sized mid U-ViT or the '
+                      'full 952M one')
+    flags.DEFINE_string('modes', None, "comma-separated sampling modes, or 'all' (default: all at full size, "
+                        'joint,t2i,i2t,empath otherwise)')
+    flags.DEFINE_string('precisions', None, 'comma-separated config.sample.precision values (default: auto at full '
+                        'size, fp32,auto otherwise)')
+    flags.DEFINE_string('batches', '1,4', 'comma-separated samples per batch')
+    flags.DEFINE_integer('steps', None, 'sampling steps = NFE (default: 50 at full size, 10 at mid, the config at tiny)')
+    flags.DEFINE_integer('repeats', None, 'timed runs per measurement, median reported (default: 1 at mid, 3 otherwise)')
+    flags.DEFINE_enum('clock', 'wall', ['wall', 'process'], "wall-clock seconds, or this process's CPU seconds: on a "
+                      'shared CPU run with OMP_NUM_THREADS=1 --clock=process, which other jobs barely change (with '
+                      '--compile also TORCHINDUCTOR_COMPILE_THREADS=1, so that the compile runs where it is counted)')
+    flags.DEFINE_boolean('compile', False, 'torch.compile the U-ViTs (libs.pipeline.compile_nnet)')
+    flags.DEFINE_boolean('forward_only', False, 'time only U-ViT forwards (full size on a CPU takes seconds each)')
+    flags.DEFINE_boolean('profile', False, 'profile the response forward against a plain SDPA transformer of the same '
+                         'size (then nothing else is measured)')
+    flags.DEFINE_float('max_minutes', None, 'stop measuring after this long and list what was skipped (default: 7.5 '
+                       'at full size, none otherwise)')
+
+
 def main(argv):
     del argv
     from libs import modes, pipeline, precision
@@ -500,4 +503,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     cli.run(main)

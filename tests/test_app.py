@@ -362,3 +362,12 @@ def test_nothing_leaves_this_machine(browser, server):
     assert any(u.startswith(url + 'gradio_api/queue/join') for u in requested)  # the log saw the other tests
     assert not [u for u in requested if not u.startswith((url, 'data:', 'blob:'))]
     assert 'OUTGOING' not in log.read_text(), log.read_text()
+
+
+def test_command_line_error_is_one_line_and_exit_2(tmp_path):
+    # A model that is not there ends in one 'error:' line through libs.cli (exit 2), -v accepted, no traceback.
+    done = subprocess.run([sys.executable, 'app.py', f'--config=configs/demo.py:{tmp_path}', '-v'], cwd=ROOT,
+                          env=dict(os.environ, HF_HUB_OFFLINE='1'), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert 'Traceback' not in done.stderr and done.stderr.strip().splitlines()[-1].startswith('error: '), done.stderr
+    assert str(tmp_path) in done.stderr
