@@ -257,7 +257,8 @@ def caption_rows(config, device, batches, repeats, budget):
 
 
 class PlainBlock(torch.nn.Module):
-    """The textbook post-LN SDPA block of the U-ViT's width, optionally with its long-skip fusion and gated keys."""
+    """The textbook post-LN SDPA block of the U-ViT's width, optionally with its long-skip fusion and, over cached
+    keys, a second SDPA call through a per-head map (the U-ViT's gate, libs.uvit.Attention)."""
 
     def __init__(self, dim, heads, mlp_ratio, skip):
         super().__init__()
@@ -266,6 +267,7 @@ class PlainBlock(torch.nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
         self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.skip = nn.Sequential(nn.Linear(2 * dim, dim), nn.LayerNorm(dim)) if skip else None
+        self.gate = nn.Parameter(0.02 * torch.randn(heads, dim // heads, dim // heads))
 
     def forward(self, x, skip=None, cond_kv=None):
         B, L, D = x.shape
@@ -274,7 +276,7 @@ class PlainBlock(torch.nn.Module):
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if cond_kv is not None:
-            a = a + 0.5 * torch.nn.functional.scaled_dot_product_attention(q, *cond_kv)
+            a = a + torch.nn.functional.scaled_dot_product_attention(q, *cond_kv) @ self.gate.to(a.dtype)
         x = self.norm2(x + self.proj(a.transpose(1, 2).reshape(B, L, D)))
         return self.norm3(x + self.mlp(x))
 

@@ -164,18 +164,39 @@ def train_classifier(config, run, folder):
                 **measure.reference_agreement(net, classes, config, pairs, resolution(config)))
 
 
-def pretrain(config, run, folder):
-    """Pre-train a small UniDiffuser (train_empath.py, joint objective) and save it as an official uvit_v1.pth."""
+def train_run(config, flag):
+    """train_empath.py on config; returns its command line, its metrics.jsonl records and the export's record."""
     import train_empath
 
-    from libs.demo import stages
-    line = command('train_empath.py', run.flags['pretrain'])
+    from libs import trainer
+    from libs.demo import measure
+    line = command('train_empath.py', flag)
     train_empath.train(config)
-    with open(os.path.join(run_dir(config), 'metrics.jsonl'), encoding='utf-8') as f:
-        curve = [json.loads(record) for record in f]
-    with open(os.path.join(run_dir(config), 'nnet_ema.json'), encoding='utf-8') as f:
+    with open(os.path.join(run_dir(config), trainer.EXPORT_INFO), encoding='utf-8') as f:
         selected = json.load(f)
-    export = stages.export_official(os.path.join(run_dir(config), 'nnet_ema.safetensors'), config.pretrain.export,
+    return line, measure.read_jsonl(os.path.join(run_dir(config), 'metrics.jsonl')), selected
+
+
+def difference_from_pretrained(config, run, nnet_path: str) -> dict:
+    """max |Δε| of an exported EmpathDiffuser network against the pre-trained UniDiffuser, on val pairs."""
+    import torch
+
+    from libs import trainer
+    from libs.demo import measure
+    from libs.uvit import build_nnet, load_nnet_weights
+    empath, _ = trainer.load_exported_nnet(nnet_path)
+    pretrained = build_nnet(run.configs['pretrain'].nnet)
+    load_nnet_weights(pretrained, config.train.init_from)
+    with torch.random.fork_rng():
+        return measure.output_difference(empath, pretrained, config, config.data.val, config.train.val_pairs)
+
+
+def pretrain(config, run, folder):
+    """Pre-train a small UniDiffuser (train_empath.py, joint objective) and save it as an official uvit_v1.pth."""
+    from libs import trainer
+    from libs.demo import stages
+    line, curve, selected = train_run(config, run.flags['pretrain'])
+    export = stages.export_official(os.path.join(run_dir(config), trainer.EXPORT), config.pretrain.export,
                                     config.nnet)
     logger.info('pre-trained UniDiffuser: %s (%d keys, loads strictly into %s)', export['path'], export['keys'],
                 export['loads_strictly_into'])
@@ -184,18 +205,10 @@ def pretrain(config, run, folder):
 
 def check_init(config, run, folder):
     """The fine-tune's initial network (as train_empath.py builds it) against the pre-trained one, on val pairs."""
-    import torch
-
-    from libs import trainer
-    from libs.demo import measure, stages
-    from libs.uvit import build_nnet, load_nnet_weights
+    from libs.demo import stages
     nnet = os.path.join(folder, 'nnet_init.safetensors')
     stages.export_initial_nnet(config, nnet)
-    initial, _ = trainer.load_exported_nnet(nnet)
-    pretrained = build_nnet(run.configs['pretrain'].nnet)
-    load_nnet_weights(pretrained, config.train.init_from)
-    with torch.random.fork_rng():
-        difference = measure.output_difference(initial, pretrained, config, config.data.val, config.train.val_pairs)
+    difference = difference_from_pretrained(config, run, nnet)
     logger.info('fine-tune at step 0 vs the pre-trained network: max |Δε| %.3g with real speaker turns, %.3g with '
                 'none (%d val pairs)', difference['speaker_max'], difference['no_speaker_max'], difference['pairs'])
     return dict(difference=difference, nnet=nnet)
@@ -203,28 +216,11 @@ def check_init(config, run, folder):
 
 def finetune(config, run, folder):
     """Fine-tune the pre-trained UniDiffuser into EmpathDiffuser (train_empath.py, avamerg_empath's recipe)."""
-    import torch
-
-    import train_empath
-    from libs import trainer
-    from libs.demo import measure
-    from libs.uvit import build_nnet, load_nnet_weights
-    line = command('train_empath.py', run.flags['finetune'])
-    train_empath.train(config)
-    with open(os.path.join(run_dir(config), 'metrics.jsonl'), encoding='utf-8') as f:
-        curve = [json.loads(record) for record in f]
-    with open(os.path.join(run_dir(config), trainer.EXPORT_INFO), encoding='utf-8') as f:
-        selected = json.load(f)
-    nnet = os.path.join(run_dir(config), trainer.EXPORT)
-    online = os.path.join(run_dir(config), 'ckpts', f'{selected["step"]}.ckpt', 'nnet.safetensors')
+    line, curve, selected = train_run(config, run.flags['finetune'])
+    nnet = trained_nnet(config)
     # How far training moved the network from UniDiffuser: with the speaker, and with no speaker at all.
-    trained, _ = trainer.load_exported_nnet(nnet)
-    pretrained = build_nnet(run.configs['pretrain'].nnet)
-    load_nnet_weights(pretrained, config.train.init_from)
-    with torch.random.fork_rng():
-        difference = measure.output_difference(trained, pretrained, config, config.data.val, config.train.val_pairs)
-    return dict(commands=[line], curve=curve, selected=selected, nnet=nnet, online_nnet=online,
-                difference=difference)
+    return dict(commands=[line], curve=curve, selected=selected, nnet=nnet,
+                difference=difference_from_pretrained(config, run, nnet))
 
 
 def eval_command(config, run, nnet, features, folder, *extra):
