@@ -7,7 +7,8 @@
 A user error — a bad flag or config value, an unknown config key, a config file that is missing or raises, a
 ``UserError``, or an OS error the user can fix (full disk, read-only or unwritable folder, a file where a folder
 should be, a missing file) — prints one line on stderr (``error: <what, where, how to fix>``) and exits with code 2
-(``UserError.exit_code``: train_empath.py's diverged run exits 3). Ctrl-C exits 130 without a traceback. Anything
+(``UserError.exit_code``: train_empath.py's diverged run exits 3). Ctrl-C exits 130 without a traceback. A job stopped
+by SIGTERM/SIGUSR1 after keeping its work (``libs.preemption.Preempted``) prints ``stopped: ...`` and exits 75. Anything
 else is a bug in the code and keeps its traceback.
 
 absl's own parser exits 1 on a flag error; ``parse_flags`` raises ``UserError`` instead. absl also exits 1 after
@@ -31,6 +32,7 @@ import traceback
 from typing import Optional
 
 from libs.errors import UserError
+from libs.preemption import PREEMPTED_EXIT, Preempted
 
 USER_EXIT, INTERRUPTED_EXIT = UserError.exit_code, 130
 
@@ -97,6 +99,10 @@ def call(main, *args) -> int:
     from absl import app
     try:
         return main(*args) or 0
+    except Preempted as err:
+        close_progress_bars()
+        print(f'stopped: {one_line(err)}', file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     except UserError as err:
         report(unwrap_worker_error(err))
         return err.exit_code
