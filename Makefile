@@ -3,12 +3,22 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
+# Which torch build setup installs. PyPI's Linux torch is the CUDA build, GBs of NVIDIA libraries that a machine
+# without a GPU cannot use, so there the default is PyTorch's CPU index. It is used only when it answers: offline,
+# or where pip's own sources (a find-links wheel folder, a local index) hold torch, as on this project's CI, pip
+# keeps them. A machine whose nvidia-smi lists a GPU gets PyPI's CUDA build. To choose yourself:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128    (a CUDA version of your choice)
+#   make setup TORCH_INDEX=                                           (pip's default sources)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null),,$(shell $(PYTHON) -c "import urllib.request as u; \
+	u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1 && echo $(TORCH_CPU_INDEX)))
+
 .PHONY: setup test demo clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
