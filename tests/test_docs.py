@@ -87,7 +87,7 @@ def test_citation_cff_is_valid():
     for ref in cff['references'] + ([cff['preferred-citation']] if 'preferred-citation' in cff else []):
         assert ref['type'] and ref['title'] and ref['authors'], ref
     assert {r['title'] for r in cff['references']} >= {
-        'UniDiffuser: One Transformer Fits All Distributions in Multi-Modal Diffusion at Scale'}
+        'One Transformer Fits All Distributions in Multi-Modal Diffusion at Scale'}
 
 
 # --- make setup: which torch build ---------------------------------------------------------------------------------
