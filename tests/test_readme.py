@@ -1,6 +1,8 @@
 """The README's quick start runs as written: every command of the blocks marked ``<!-- quickstart -->`` exits 0 in a
 copy of the repository's tracked files, and the files the README says they write are there; the GPU one-liner parses
-and names the Hub files it fetches; an empath mode asked of a UniDiffuser network names the config that has them."""
+and names the Hub files it fetches; an empath mode asked of a UniDiffuser network names the config that has them.
+The README opens with the project's status; its demo command uses flags the demo defines; every step of its real
+workflow parses and, offline with an empty cache, stops at the first missing weights with the command that gets them."""
 import json
 import os
 import re
@@ -17,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
 MARKER = '<!-- quickstart -->'
 GPU_HEADING = '### A real UniDiffuser-v1 sample on a GPU'
+WORKFLOW_HEADING = '## The real workflow'
 # Setup and activation are skipped: this test already runs inside the venv they make, and its interpreter is the
 # `python` of every command.
 SETUP = re.compile(r'(make setup|python3 -m venv|pip install|(\.|source) \.venv/bin/activate)(\s|$)')
@@ -177,3 +180,58 @@ def test_empath_mode_of_a_unidiffuser_network_names_the_tiny_empath_config(tiny_
     ctx = pipeline.make_context(comp, torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match='--config=configs/sample_tiny_empath.py'):
         pipeline.generate(comp, ctx, 'empath', 1, prompt='I lost my job today.')
+
+
+def readme_text():
+    with open(README, encoding='utf-8') as f:
+        return f.read()
+
+
+def test_readme_opens_with_the_status():
+    sections = re.findall(r'^## (.+)$', readme_text(), re.M)
+    assert sections[0] == 'Status', sections
+    status = readme_text().split('## Status', 1)[1].split('\n## ', 1)[0]
+    for fact in ('make rehearse', 'no EmpathDiffuser weights have been trained at full size',
+                 'Nothing has been evaluated on the real AvaMERG', 'every GPU figure is unmeasured'):
+        assert fact in status, fact
+
+
+def test_readme_has_one_demo_table_block():
+    text = readme_text()
+    assert text.count('<!-- demo-table:start -->') == text.count('<!-- demo-table:end -->') == 1
+    assert text.index('<!-- demo-table:start -->') < text.index('<!-- demo-table:end -->')
+
+
+def test_readme_demo_command_uses_the_demos_flags():
+    # tests/test_demo.py runs the quick demo itself; here only that the README's command names flags that exist.
+    (line,) = [c for c in commands('\n'.join(re.findall(r'```bash\n(.*?)\n```', readme_text(), re.S)))
+               if 'scripts/demo.py' in c and '--quick' in c]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--help'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in re.findall(r'--(\w+)', line.split('#')[0]):
+        assert re.search(rf'--(\[no\])?{name}\b', done.stdout + done.stderr), f'scripts/demo.py has no --{name}'
+
+
+def workflow_commands():
+    """The commands of the README's numbered real-workflow steps."""
+    section = readme_text().split(WORKFLOW_HEADING, 1)[1].split('\n## ', 1)[0]
+    return re.findall(r'^\d+\. .*`([^`]+)`$', section, re.M)  # each step ends with its command
+
+
+@pytest.mark.slow
+def test_real_workflow_steps_parse_and_stop_at_the_missing_weights(tmp_path):
+    # Offline with an empty Hub cache, each step must get past its flags and config to the first missing file and
+    # name the download that fixes it (exit 2), never stop on a flag or config error.
+    steps = workflow_commands()
+    assert len(steps) == 6 and steps[0].startswith('hf download ')
+    repo = repository_copy(str(tmp_path / 'clone'))
+    shutil.copy(os.path.join(repo, 'assets', 'speaker_sad.png'), os.path.join(repo, 'face.png'))
+    env = shell_env(tmp_path)
+    hf = os.path.join(os.path.dirname(sys.executable), 'hf')
+    code, out = run(f'{shlex.quote(hf)} download --help', repo, env)
+    assert code == 0 and 'FILENAMES' in out, out[-2000:]
+    for step in steps[1:]:
+        # accelerate's launcher turns every failure into exit 1; the script's own exit code is what is checked.
+        code, out = run(step.replace('accelerate launch ', 'python ', 1), repo, env)
+        assert code == 2 and 'hf download' in out, f'`{step}` exited {code}:\n{out[-3000:]}'
