@@ -74,6 +74,23 @@ def test_relative_links_resolve(name):
         pytest.skip(f'{name}: links to files another branch adds, not merged yet: {sorted(set(pending))}')
 
 
+# Repository paths named in code spans, e.g. `libs/features.py` or `configs/demo.py:out/demo`.
+CODE_SPAN = re.compile(r'`([^`\n]+)`')
+REPO_PATH = re.compile(r'(?<![\w/])((?:libs|scripts|configs|tests|docs|assets)/[\w./-]*\w)')
+# Paths the other branches of the same change add (see FROM_OTHER_BRANCHES).
+PATHS_FROM_OTHER_BRANCHES = FROM_OTHER_BRANCHES | {'tests/test_help.py'}
+
+
+@pytest.mark.parametrize('name', markdown_files())
+def test_named_repository_paths_exist(name):
+    spans = CODE_SPAN.findall(re.sub(r'```.*?```', '', read(name), flags=re.S))
+    named = {path for span in spans for path in REPO_PATH.findall(span)}
+    missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
+    assert not [p for p in missing if p not in PATHS_FROM_OTHER_BRANCHES], f'{name} names files that do not exist'
+    if missing:
+        pytest.skip(f'{name}: names files another branch adds, not merged yet: {missing}')
+
+
 def test_every_cited_design_section_exists():
     design = read('docs/design.md')
     sections = set(re.findall(r'^## (\d+)\. ', design, re.M))
@@ -162,3 +179,37 @@ def test_setup_index_can_be_chosen(tmp_path, cpu_index, fake_gpu):
     cu = 'https://download.pytorch.org/whl/cu128'
     assert torch_install_line(tmp_path, [fake_gpu], TORCH_INDEX=cu).endswith(f'--index-url {cu}')
     assert '--index-url' not in torch_install_line(tmp_path, TORCH_CPU_INDEX=cpu_index, TORCH_INDEX='')
+
+
+# Config keys named in code spans, e.g. `train.p_drop_face` or `--config.sample.scale_text=5`.
+CONFIG_KEY = re.compile(r'^(?:--)?(?:config\.)?((?:train|optimizer|data|sample|nnet|eval|caption_decoder_train|'
+                        r'caption_decoder|clip_text|clip_img|autoencoder|revisions)\.[a-z_][\w.]*?)(?:=.*)?$')
+
+
+DELIBERATELY_UNKNOWN = {'train.n_stepz'}  # troubleshooting.md's example of a misspelt key
+
+
+def test_named_config_keys_exist():
+    sys.path.insert(0, os.path.join(ROOT, 'configs'))
+    try:
+        import avamerg_empath
+        config = avamerg_empath.get_config()
+    finally:
+        sys.path.remove(os.path.join(ROOT, 'configs'))
+    named = {}
+    for name in markdown_files():
+        for span in CODE_SPAN.findall(re.sub(r'```.*?```', '', read(name), flags=re.S)):
+            match = CONFIG_KEY.match(span.strip())
+            if match and not re.search(r'\.(pth|pt|json|safetensors|py|md|png|yaml|txt)$', match.group(1)) \
+                    and match.group(1) not in DELIBERATELY_UNKNOWN:
+                named.setdefault(match.group(1), name)
+    assert len(named) > 20, f'the key pattern found too few keys: {sorted(named)}'
+    missing = {}
+    for key, name in named.items():
+        node = config
+        for part in key.split('.'):
+            if part not in node:
+                missing[key] = name
+                break
+            node = node[part]
+    assert not missing, f'config keys named in the docs that configs/avamerg_empath.py does not have: {missing}'
