@@ -213,3 +213,13 @@ def test_named_config_keys_exist():
                 break
             node = node[part]
     assert not missing, f'config keys named in the docs that configs/avamerg_empath.py does not have: {missing}'
+
+
+def test_overview_figure_is_drawn_by_the_committed_script(tmp_path):
+    # The README's figure regenerates byte for byte (no timestamps in the PNG; matplotlib is pinned).
+    out = tmp_path / 'empathdiffuser.png'
+    done = subprocess.run([sys.executable, os.path.join('scripts', 'make_figures.py'), f'--out={out}'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out, 'rb') as new, open(os.path.join(ROOT, 'assets', 'empathdiffuser.png'), 'rb') as committed:
+        assert new.read() == committed.read(), 'assets/empathdiffuser.png is stale: run python scripts/make_figures.py'
