@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-
 # Which torch build setup installs. PyPI's Linux torch is the CUDA build, GBs of NVIDIA libraries that a machine
 # without a GPU cannot use, so there the default is PyTorch's CPU index. It is used only when it answers: offline,
 # or where pip's own sources (a find-links wheel folder, a local index) hold torch, as on this project's CI, pip
