@@ -159,11 +159,27 @@ function collect() {
   return {format: sheet.format, sheet_id: sheet.sheet_id, rater: document.getElementById('rater').value.trim(),
           saved_at: new Date().toISOString(), ratings: ratings};
 }
+// Answers and rater survive closing or reloading the page (kept in this browser under the sheet's id).
+const store = 'empath-ratings-' + sheet.sheet_id;
 function progress() {
+  const state = collect();
   document.getElementById('progress').textContent =
-    Object.keys(collect().ratings).length + ' of ' + pairs.length + ' rated';
+    Object.keys(state.ratings).length + ' of ' + pairs.length + ' rated';
+  try { localStorage.setItem(store, JSON.stringify(state)); } catch (e) { /* storage off: nothing to keep */ }
+}
+function restore() {
+  let state = null;
+  try { state = JSON.parse(localStorage.getItem(store)); } catch (e) { return; }
+  if (!state) return;
+  document.getElementById('rater').value = state.rater || '';
+  for (const p of pairs) {
+    const r = state.ratings[p.dataset.pair];
+    const input = r && r.layout === p.dataset.layout && p.querySelector('input[value="' + r.choice + '"]');
+    if (input) input.checked = true;
+  }
 }
 document.addEventListener('change', progress);
+document.getElementById('rater').addEventListener('input', progress);
 document.getElementById('save').addEventListener('click', () => {
   const blob = new Blob([JSON.stringify(collect(), null, 1)], {type: 'application/json'});
   const link = document.createElement('a');
@@ -173,6 +189,7 @@ document.getElementById('save').addEventListener('click', () => {
   link.click();
   link.remove();
 });
+restore();
 progress();
 """
 

@@ -216,6 +216,10 @@ def test_browser_round_trip(browser, runs, tmp_path):
         button.click()
     assert driver.find_element(By.ID, 'progress').text == f'{len(pairs) - 1} of {len(pairs)} rated'
     driver.save_screenshot(str(tmp_path / 'sheet.png'))
+    # A reload keeps the answers and the rater (the page stores them in the browser under the sheet's id).
+    driver.refresh()
+    assert driver.find_element(By.ID, 'progress').text == f'{len(pairs) - 1} of {len(pairs)} rated'
+    assert driver.find_element(By.ID, 'rater').get_attribute('value') == 'tester'
     driver.find_element(By.ID, 'save').click()
     saved = os.path.join(downloads, f'ratings-{key["sheet_id"]}.json')
     deadline = time.time() + TIMEOUT
