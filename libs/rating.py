@@ -260,6 +260,8 @@ def score(ratings_paths, key_file):
     wins, raters = {'A': 0, 'B': 0, 'tie': 0}, []
     for path in ratings_paths:
         ratings = _read_json(path, 'ratings')
+        if not isinstance(ratings, dict) or not isinstance(ratings.get('ratings'), dict):
+            raise UserError(f'{path} is not a ratings file saved by a rating sheet (no "ratings" object)')
         if ratings.get('sheet_id') != key['sheet_id']:
             raise UserError(f'{path} rates sheet {ratings.get("sheet_id")!r}, but {key_file} is the key of sheet '
                             f'{key["sheet_id"]!r}: give the key saved beside that sheet')
@@ -267,7 +269,7 @@ def score(ratings_paths, key_file):
                            judgements=len(ratings['ratings'])))
         for pid, rating in ratings['ratings'].items():
             truth = key['pairs'].get(pid)
-            if truth is None or rating.get('layout') != truth['layout']:
+            if truth is None or not isinstance(rating, dict) or rating.get('layout') != truth['layout']:
                 raise UserError(f'{path}: pair {pid!r} is not on the sheet of {key_file} as rated; the ratings file '
                                 'was edited or comes from another sheet')
             if rating.get('choice') not in CHOICES:

@@ -141,6 +141,9 @@ def test_foreign_or_edited_ratings_are_refused(runs, tmp_path):
     path.write_text(json.dumps(edited))
     with pytest.raises(UserError, match='expected one of'):
         rating.score([str(path)], str(tmp_path / 'one_key.json'))
+    path.write_text('[]')
+    with pytest.raises(UserError, match='not a ratings file'):
+        rating.score([str(path)], str(tmp_path / 'one_key.json'))
 
 
 def test_command_line(runs, tmp_path):
