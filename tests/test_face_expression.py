@@ -46,6 +46,18 @@ def test_port_reproduces_the_keras_model(fer):
     assert len(set(expected.argmax(1).tolist())) > 1
 
 
+@pytest.mark.reference
+def test_port_reproduces_keras_layer_settings_fer_does_not_use():
+    """A random tf_keras model with a depth multiplier of 2, a layer's own relu, an odd 'same' padding total at
+    stride 2, batch norm without scale / center and 'valid' pooling, against tf_keras' own predictions."""
+    _, images = reference()
+    with open(os.path.join(FIXTURES, 'fer_keras_layers.json'), encoding='utf-8') as f:
+        expected = torch.tensor(json.load(f)['probs'])
+    clf = fx.load_expression_classifier(os.path.join(FIXTURES, 'fer_keras_layers.h5'))
+    assert clf.name == 'keras:fer_keras_layers'
+    torch.testing.assert_close(clf(images), expected, atol=1e-5, rtol=0)
+
+
 def test_batching_sizes_and_modes_do_not_change_the_result(fer, monkeypatch):
     _, images = reference()
     whole = fer(images)
