@@ -145,18 +145,22 @@ class KerasGraph(torch.nn.Module):
     """A Keras functional model (the layer types in LAYERS, Activation, Add) run in PyTorch, NCHW throughout.
 
     The graph is the one the h5 file's ``model_config`` stores: layers in their (topological) config order, each
-    applied to the outputs of its inbound layers, the last layer's output returned.
+    applied to the outputs of its inbound layers (Keras 2's [[name, node, tensor, kwargs], ...] lists), from the
+    model's input layer to its output layer.
     """
 
-    def __init__(self, layers, weights):
+    def __init__(self, layers, weights, input_name, output_name):
         super().__init__()
+        self.input_name, self.output_name = input_name, output_name
         self.nodes, self.ops = [], torch.nn.ModuleDict()
         for layer in layers:
             kind, config, name = layer['class_name'], layer['config'], layer['config']['name']
-            inputs = [node[0] for inbound in layer.get('inbound_nodes', []) for node in inbound]
             if kind == 'InputLayer':
-                self.input_name = name
                 continue
+            if not all(isinstance(node, list) for inbound in layer['inbound_nodes'] for node in inbound):
+                raise UserError(f'Keras layer {name}: its inbound nodes are not in Keras 2\'s format (a Keras 3 '
+                                'file?); save the model with tf_keras or Keras 2 as .h5')
+            inputs = [node[0] for inbound in layer['inbound_nodes'] for node in inbound]
             if kind == 'Activation':
                 op = KerasActivation(config['activation'])
             elif kind == 'Add':
@@ -173,12 +177,12 @@ class KerasGraph(torch.nn.Module):
             self.nodes.append((name, inputs))
 
     def forward(self, x):
-        """(N, 1, H, W) float input -> the last layer's output, e.g. (N, 7) probabilities."""
+        """(N, C, H, W) float input -> the output layer's output, e.g. (N, 7) probabilities."""
         values = {self.input_name: x}
         for name, inputs in self.nodes:
             args = [values[i] for i in inputs]
             values[name] = sum(args) if name not in self.ops else self.ops[name](*args)
-        return values[self.nodes[-1][0]]
+        return values[self.output_name]
 
 
 def read_keras_h5(path):
@@ -198,12 +202,16 @@ def read_keras_h5(path):
         raise UserError(f'{path}: not a Keras 2 h5 model file with its model_config and weights ({e})') from None
     if config['class_name'] not in ('Model', 'Functional'):
         raise UserError(f'{path}: a Keras {config["class_name"]} model; only functional models (Model) are read')
-    layers = config['config']['layers']
-    first = layers[0]['config']
+    model = config['config']
+    if len(model['input_layers']) != 1 or len(model['output_layers']) != 1:
+        raise UserError(f'{path}: expected one input and one output, found {len(model["input_layers"])} and '
+                        f'{len(model["output_layers"])}')
+    input_name, output_name = model['input_layers'][0][0], model['output_layers'][0][0]
+    first = next(layer['config'] for layer in model['layers'] if layer['config']['name'] == input_name)
     shape = first.get('batch_input_shape') or first.get('batch_shape')
     if shape is None or len(shape) != 4:
         raise UserError(f'{path}: expected an image model with input (None, H, W, C), found {shape}')
-    net = KerasGraph(layers, weights).eval()
+    net = KerasGraph(model['layers'], weights, input_name, output_name).eval()
     with torch.no_grad():
         classes = net(torch.zeros(1, shape[3], shape[1], shape[2])).shape[1]
     return net, tuple(shape[1:]), classes

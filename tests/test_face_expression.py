@@ -102,6 +102,29 @@ def test_keras_file_by_path_is_named_after_it(tmp_path):
     assert clf.name == 'keras:mini_xception' and clf.labels == fx.FER_LABELS
 
 
+def test_keras_files_this_port_cannot_read_are_user_errors(tmp_path):
+    import shutil
+
+    import h5py
+    path = tmp_path / 'keras3.h5'
+    shutil.copy(fx.fer_weights_path(), path)
+    with h5py.File(path, 'r+') as f:
+        config = json.loads(f.attrs['model_config'])
+        conv = config['config']['layers'][1]
+        # Keras 3 writes inbound nodes as {'args': [keras tensors], 'kwargs': {}}.
+        conv['inbound_nodes'] = [{'args': [{'class_name': '__keras_tensor__',
+                                            'config': {'keras_history': ['input_1', 0, 0]}}], 'kwargs': {}}]
+        f.attrs['model_config'] = json.dumps(config)
+    with pytest.raises(UserError, match="not in Keras 2's format"):
+        fx.load_expression_classifier(str(path))
+    with h5py.File(path, 'r+') as f:
+        config['config']['layers'][1]['class_name'] = 'DepthwiseConv2D'
+        conv['inbound_nodes'] = [[['input_1', 0, 0, {}]]]
+        f.attrs['model_config'] = json.dumps(config)
+    with pytest.raises(UserError, match='is a DepthwiseConv2D, which this port does not read'):
+        fx.load_expression_classifier(str(path))
+
+
 def test_transformers_folder_by_path(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
     labels = ('neutral', 'happy', 'sad')
