@@ -126,7 +126,8 @@ def make_sheet(run_a, run_b, out, seed=0, max_pairs=None, data_root=None):
         key['pairs'][pid] = dict(left=left, layout=layout)
         speaker = speaker_faces(a['split'], a['speaker_stem'], size)
         items.append(dict(pair_id=pid, layout=layout, speaker_face=_data_uri(speaker), speaker_text=a['speaker_text'],
-                          left_face=_data_uri(faces[left]), left_text=texts[left], right_face=_data_uri(faces[right]), right_text=texts[right]))
+                          left_face=_data_uri(faces[left]), left_text=texts[left],
+                          right_face=_data_uri(faces[right]), right_text=texts[right]))
     atomic_write_bytes(out, render(sheet_id, items).encode('utf-8'))
     atomic_write_json(key_path(out), key)
     return key
