@@ -1,5 +1,6 @@
 """The blind A/B rating kit: the sheet from two run folders, scoring through the answer key, the command line, and
 the round trip in a real headless Chromium (load the sheet, click answers, save, read the JSON back, score)."""
+import html
 import json
 import os
 import random
@@ -46,7 +47,7 @@ def runs(tmp_path_factory):
     make_dataset(root, seed=0, dialogues=1, test_dialogues=4, size=64)
     pairs = AvaMERG(root, 'test').pairs
     assert len(pairs) >= 8
-    return (root, fake_run(str(base / 'model_alpha'), root, pairs, 'happy', 'Alpha reply'),
+    return (root, fake_run(str(base / 'model_alpha'), root, pairs, 'happy', 'Alpha <i>reply</i> &'),
             fake_run(str(base / 'model_beta'), root, pairs, 'sad', 'Beta reply'), pairs)
 
 
@@ -62,9 +63,9 @@ def test_sheet_is_blind_self_contained_and_seeded(runs, tmp_path):
     for secret in ('model_alpha', 'model_beta', run_a, run_b, 'sheet_key', '"left": "A"'):
         assert secret not in page
     assert 'http://' not in page and 'https://' not in page  # self-contained: faces are data URIs
+    assert '<i>' not in page and 'Alpha &lt;i&gt;reply&lt;/i&gt; &amp; number 0.' in page  # words shown as text
     assert page.count('src="data:image/png;base64,') == 3 * len(pairs)
-    for p in pairs:
-        assert json.dumps(p.speaker_text)[1:-1].replace("'", '&#x27;') in page or p.speaker_text in page
+    assert all(html.escape(p.speaker_text) in page for p in pairs)  # the speaker's words on every pair
     # Left/right drawn per pair: both layouts occur, and where A is on the left its words come first.
     lefts = [v['left'] for v in key['pairs'].values()]
     assert set(lefts) == {'A', 'B'}
