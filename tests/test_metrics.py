@@ -92,6 +92,32 @@ def test_distinct_n_by_hand():
     assert metrics.distinct_n(['hi'], 2) == 0.0
 
 
+def test_distinct_n_per_response_by_hand():
+    texts = ['I am happy.', 'i am sad', 'no no no']  # [i, am, happy, .], [i, am, sad], [no, no, no]
+    assert metrics.distinct_n_per_response(texts, 1) == pytest.approx(100 * (4 / 4 + 3 / 3 + 1 / 3) / 3)
+    assert metrics.distinct_n_per_response(texts, 2) == pytest.approx(100 * (3 / 3 + 2 / 2 + 1 / 2) / 3)
+    # A response with no n-gram scores 0 and still counts; the corpus convention differs on the same texts.
+    assert metrics.distinct_n_per_response(['hi', 'i am sad'], 2) == pytest.approx(50.0)
+    assert metrics.distinct_n(texts, 1) == pytest.approx(100 * 6 / 10)  # {i, am, happy, ., sad, no} of 10
+    assert metrics.distinct_n_per_response([], 1) == 0.0
+
+
+def test_emotion_numbers_equal_the_hand_written_code_before_sklearn():
+    """accuracy moved to sklearn's accuracy_score; these are the numbers the hand-written code (main @9fff430) gave."""
+    from libs.avamerg import COARSE_7, EMOTIONS_32, FINE_TO_COARSE
+    gen = torch.Generator().manual_seed(23)
+    gold = torch.randint(0, 32, (300,), generator=gen)
+    gold[torch.rand(300, generator=gen) < 0.1] = -1
+    pred = torch.where(torch.rand(300, generator=gen) < 0.4, gold.clamp(min=0),
+                       torch.randint(0, 32, (300,), generator=gen))
+    table = [COARSE_7.index(FINE_TO_COARSE[e]) for e in EMOTIONS_32]
+    assert metrics.emotion_report(pred, gold, table) == {
+        'n': 263, 'fine_acc': 0.4144486692015209, 'fine_macro_f1': 0.3852764612296514,
+        'coarse_acc': 0.5285171102661597, 'coarse_macro_f1': 0.43379445006347456}
+    cm = metrics.confusion_matrix(pred, gold, 32)
+    assert int(cm.sum()) == 263 and int(cm.trace()) == 109 == round(0.4144486692015209 * 263)
+
+
 def _sklearn_macro_f1(pred, gold, ignore_index=-1):
     """Independent per-class precision / recall / F1 with sklearn's zero_division=0, over present labels."""
     keep = [i for i, g in enumerate(gold) if g != ignore_index]
