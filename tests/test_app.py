@@ -128,7 +128,7 @@ def test_bad_input_is_a_user_error(comp, face, tmp_path):
 def test_unidiffuser_modes(comp, face):
     expected = {'t2i': (2, ''), 'i2t': (0, 2), 'joint': (2, 2), 'i': (2, ''), 't': (0, 2), 'i2t2i': (2, ''),
                 't2i2t': (0, 2)}
-    assert list(expected) == app.UNIDIFFUSER_MODES
+    assert list(expected) == app.unidiffuser_modes()
     for mode, (n_images, n_texts) in expected.items():
         images, texts, note = app.unidiffuser(comp, mode, 'a photo of a cat', {'path': face}, 2, 3, 4, 0)
         assert len(images) == n_images and all(im.size == (comp.resolution,) * 2 for im in images)
