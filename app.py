@@ -40,6 +40,7 @@ APP_ARGS = 'EMPATH_APP_ARGS'  # extra command-line flags from the environment (a
 CSS = ('.face img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated} '
        '#images img {image-rendering: pixelated}')
 FACE_HEIGHT = 280  # pixels of the face boxes in the page
+DEMO_EXAMPLES = 6  # speaker turns of the demo's test split offered as examples, each with another gold emotion
 SCALE_NAMES = dict(scale='guidance scale', scale_text='utterance scale', scale_face='face scale')
 FLAGS = flags.FLAGS
 
@@ -77,6 +78,28 @@ def demo_nnet_path(config):
     if not os.path.isdir(run_dir):
         raise UserError(f'no model to serve: {run_dir} does not exist. {how}')
     raise UserError(f'{run_dir} has no trained network yet (the demo stopped before its first checkpoint). {how}')
+
+
+def examples(config):
+    """[speaker face, utterance, gold emotion] rows the page offers.
+
+    Serving the demo's network (configs/demo.py: its config has ``demo`` settings and a synthetic AvaMERG under
+    config.data.root), they are held-out speaker turns of the demo's own test split, each with another gold emotion,
+    so that the answer can be checked against what the model was trained to do. Otherwise one real-looking turn.
+    """
+    from libs.avamerg import AvaMERG
+    if 'demo' not in config or not os.path.isdir(os.path.join(config.data.root, 'test')):
+        return [[os.path.join(ROOT, 'assets', 'speaker_sad.png'), 'I lost my job today.', '']]
+    reader, rows, seen = AvaMERG(config.data.root, 'test'), [], set()
+    for pair in reader.pairs:
+        face = reader.media.frames.get(pair.speaker_stem)
+        if face is None or pair.emotion in seen:
+            continue
+        seen.add(pair.emotion)
+        rows.append([face, pair.speaker_text, pair.emotion])
+        if len(rows) == DEMO_EXAMPLES:
+            break
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,7 +321,9 @@ def build_app(comp, nnet_path):
                                                elem_id='response-utterance')
                     emotion = gr.Label(label="Speaker's emotion (top classes)", elem_id='speaker-emotion')
                     took = gr.Markdown(elem_id='response-time')
-            gr.Examples([[os.path.join(ROOT, 'assets', 'speaker_sad.png'), 'I lost my job today.']], [face, utterance])
+            # The gold emotion fills a box of its own, read next to the predicted one; it is no input of the model.
+            gold = gr.Textbox(label='Gold emotion of the example', interactive=False, elem_id='gold-emotion')
+            gr.Examples(examples(comp.config), [face, utterance, gold], label='Examples')
             button.click(in_page(lambda *a: respond(comp, *a)), [face, utterance, *controls],
                          [response_face, response_text, emotion, took], api_name='respond', **queue)
         with gr.Tab('UniDiffuser', id='unidiffuser'):

@@ -125,6 +125,28 @@ def test_bad_input_is_a_user_error(comp, face, tmp_path):
         ask(comp, face, UTTERANCE, guidance='sideways')
 
 
+def test_demo_examples_come_from_the_demo_test_split(tmp_path):
+    # Serving the demo's network, the page offers held-out speaker turns of the demo's own test split with their
+    # gold emotion (not a photo the demo model never saw); any other model gets the generic example.
+    import importlib.util
+
+    from libs.avamerg import AvaMERG
+    from libs.synthetic import make_dataset
+    spec = importlib.util.spec_from_file_location('demo_config', os.path.join(ROOT, 'configs', 'demo.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(str(tmp_path))
+    make_dataset(config.data.root, 0, 2, 12, size=32, listeners=(7,))
+    rows = app.examples(config)
+    pairs = {(p.speaker_text, p.emotion) for p in AvaMERG(config.data.root, 'test').pairs}
+    assert 2 <= len(rows) <= app.DEMO_EXAMPLES
+    for face_path, utterance, gold in rows:
+        assert os.path.isfile(face_path) and face_path.startswith(os.path.join(config.data.root, 'test'))
+        assert (utterance, gold) in pairs
+    assert len({gold for _, _, gold in rows}) == len(rows)  # each example shows another emotion
+    assert app.examples(tiny(str(tmp_path / 'models')))[0][0].endswith('speaker_sad.png')
+
+
 def test_unidiffuser_modes(comp, face):
     expected = {'t2i': (2, ''), 'i2t': (0, 2), 'joint': (2, 2), 'i': (2, ''), 't': (0, 2), 'i2t2i': (2, ''),
                 't2i2t': (0, 2)}
