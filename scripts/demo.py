@@ -2,8 +2,8 @@
 
     python scripts/demo.py --out out/demo            # full schedule (at most 15 minutes on two cores)
     python scripts/demo.py --out /tmp/demo --quick   # shortened schedule (at most 6 minutes; the test suite)
-    python scripts/demo.py --readme_table assets/demo/metrics_full_seed0.json                 # its README table
-    python scripts/demo.py --readme_table assets/demo/metrics_full_seed0.json --write_readme  # ... into README.md
+    python scripts/demo.py --readme_table assets/demo/metrics.json                 # its README table
+    python scripts/demo.py --readme_table assets/demo/metrics.json --write_readme  # ... into README.md
 
 As the real workflow: components -> features -> a UniDiffuser (pre-trained here, on the synthetic faces and
 utterances, and saved as an official uvit_v1.pth) -> the EmpathDiffuser fine-tune of configs/avamerg_empath.py ->
@@ -41,8 +41,9 @@ def define_flags():
     flags.DEFINE_integer('seed', 0, 'seed of everything, for the run-to-run spread')
     flags.DEFINE_string('readme_table', None, 'print the README\'s results table rendered from this metrics.json of '
                         'a demo run, instead of running the demo')
-    flags.DEFINE_bool('write_readme', False, 'with --readme_table: write the table into README.md, between its '
+    flags.DEFINE_bool('write_readme', False, 'with --readme_table: write the table into --readme, between its '
                       '<!-- demo-table:start --> and <!-- demo-table:end --> lines')
+    flags.DEFINE_string('readme', README, 'the README --write_readme writes into')
 
 
 def load_config(out: str, quick: bool, seed: int = 0, pretrain: bool = False):
@@ -410,8 +411,8 @@ def main(argv):
     from libs.demo import readme
     table = readme.render_table(readme.read_metrics(FLAGS.readme_table), FLAGS.readme_table)
     if FLAGS.write_readme:
-        readme.write_block(README, table)
-        print(f'wrote the table of {FLAGS.readme_table} into {README}')
+        readme.write_block(FLAGS.readme, table)
+        print(f'wrote the table of {FLAGS.readme_table} into {FLAGS.readme}')
     else:
         print(table)
 
