@@ -332,3 +332,40 @@ def test_readme_table_is_rendered_from_the_committed_report():
     expected = render_table(read_metrics(os.path.join(ROOT, COMMITTED_REPORT)), COMMITTED_REPORT)
     assert table == expected, ('the README table is not the committed report\'s: run python scripts/demo.py '
                                f'--readme_table={COMMITTED_REPORT} --write_readme')
+
+
+def test_response_grid_shows_each_pair_with_its_answer(tmp_path):
+    # One row per held-out pair: speaker face and utterance, the generated face and utterance (libs.demo.report).
+    import random
+
+    from PIL import Image
+
+    from libs.avamerg import AvaMERG
+    from libs.demo.report import GRID, write_response_grid
+    from libs.synthetic import make_dataset, render_face
+    make_dataset(str(tmp_path / 'data'), 0, 2, 4, size=32, listeners=(7,))
+    pairs = AvaMERG(str(tmp_path / 'data'), 'test').pairs[:3]
+    folder = tmp_path / 'eval' / 'scale6_steps20'
+    folder.mkdir(parents=True)
+    records = []
+    for i, p in enumerate(pairs):
+        render_face(7, 'happy', 32, random.Random(i)).save(folder / f'{i}.png')
+        records.append(dict(index=i, speaker_stem=p.speaker_stem, speaker_text=p.speaker_text, face=f'{i}.png',
+                            generated='That is wonderful news!', top3=[['joyful', 0.9], ['proud', 0.05]],
+                            gold_emotion=p.emotion))
+    (folder / 'pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in reversed(records)))
+    config = ml_collections.ConfigDict(dict(data=dict(root=str(tmp_path / 'data'))))
+    markers = {'eval': {'summary': {'default': 'scale6_steps20'}}}
+    write_response_grid(config, markers, str(tmp_path), str(tmp_path / 'grid.png'))
+    first = (tmp_path / 'grid.png').read_bytes()
+    with Image.open(tmp_path / 'grid.png') as grid:
+        rows = (grid.height - GRID['font_size'] - 2 * GRID['pad']) / (GRID['face'] + 2 * GRID['pad'])
+        assert rows == 3 and grid.width > 2 * GRID['text_width']
+        # The generated face sits, enlarged, in the third column of the first row.
+        x = 3 * GRID['pad'] + GRID['face'] + GRID['text_width']
+        y = GRID['font_size'] + 3 * GRID['pad']
+        shown = grid.crop((x, y, x + GRID['face'], y + GRID['face'])).convert('RGB')
+    with Image.open(folder / '0.png') as face:
+        assert shown.tobytes() == face.convert('RGB').resize((GRID['face'],) * 2, Image.NEAREST).tobytes()
+    write_response_grid(config, markers, str(tmp_path), str(tmp_path / 'grid.png'))
+    assert (tmp_path / 'grid.png').read_bytes() == first
