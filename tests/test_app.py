@@ -387,9 +387,13 @@ def test_nothing_leaves_this_machine(browser, server):
 
 
 def test_command_line_error_is_one_line_and_exit_2(tmp_path):
-    # A model that is not there ends in one 'error:' line through libs.cli (exit 2), -v accepted, no traceback.
+    # A model that is not there ends in one 'error:' line through libs.cli (exit 2), -v accepted, no traceback; the
+    # missing components follow it, one per line.
     done = subprocess.run([sys.executable, 'app.py', f'--config=configs/demo.py:{tmp_path}', '-v'], cwd=ROOT,
                           env=dict(os.environ, HF_HUB_OFFLINE='1'), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert 'Traceback' not in done.stderr and done.stderr.strip().splitlines()[-1].startswith('error: '), done.stderr
+    lines = done.stderr.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith('error: ')]
+    assert 'Traceback' not in done.stderr and len(errors) == 1, done.stderr
+    assert sum(line.startswith('- ') for line in lines[errors[0]:]) == 6, done.stderr
     assert str(tmp_path) in done.stderr

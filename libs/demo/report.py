@@ -66,7 +66,7 @@ def timings(markers: dict) -> dict:
 def summarize(out: str, config, markers: dict, schedule: str) -> dict:
     """Everything metrics.json holds: learning against controls, the starting point, sweep, t2i / i2t."""
     from libs.demo.measure import response_expressions
-    sweep = markers['eval']['summary']
+    sweep, pre = markers['eval']['summary'], markers['pretrain']['summary']['export']
     classifier, modes = markers['classifier']['summary'], markers['modes']['summary']
     return dict(
         schedule=schedule, seed=config.seed, threads=config.demo.threads,
@@ -74,8 +74,9 @@ def summarize(out: str, config, markers: dict, schedule: str) -> dict:
                         guidance_scale=config.sample.scale, sample_steps=config.sample.sample_steps,
                         speaker_guidance=config.sample.speaker_guidance),
         learning=learning_numbers(evaluations(markers), sweep['majority'], response_expressions()),
+        # Paths relative to the output folder: the same run into another folder writes the same file.
         start=dict(init=markers['init']['summary']['difference'], after=markers['train']['summary']['difference'],
-                   pretrained=markers['pretrain']['summary']['export']),
+                   pretrained=dict(pre, path=os.path.relpath(pre['path'], out))),
         sweep=[{k: v for k, v in r.items() if k not in ('metrics', 'reads', *SWEEP_TIMINGS)} for r in sweep['rows']],
         modes={name: {k: v for k, v in modes[name].items() if k != 'examples'} for name in ('pretrained', 'finetuned')},
         instruments=dict(classes=classifier['classes'], heldout_rendered_acc=classifier['heldout_rendered_acc'],
