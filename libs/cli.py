@@ -2,16 +2,15 @@
 
     if __name__ == '__main__':
         define_flags()
-        cli.run(main)                    # absl scripts; argparse scripts: sys.exit(cli.call(main))
+        cli.run(main)                    # every entry point: absl flags, then main
 
 A user error — a bad flag or config value, an unknown config key, a config file that is missing or raises, a
 ``UserError``, or an OS error the user can fix (full disk, read-only or unwritable folder, a file where a folder
 should be, a missing file) — prints one line on stderr (``error: <what, where, how to fix>``), followed by the
 ``details`` lines of a UserError that carries some (one missing file per line, each with a command to copy), and exits
-with code 2
-(``UserError.exit_code``: train_empath.py's diverged run exits 3). Ctrl-C exits 130 without a traceback. A job stopped
-by SIGTERM/SIGUSR1 after keeping its work (``libs.preemption.Preempted``) prints ``stopped: ...`` and exits 75. Anything
-else is a bug in the code and keeps its traceback.
+with code 2 (``UserError.exit_code``: train_empath.py's diverged run exits 3). Ctrl-C exits 130 without a traceback.
+A job stopped by SIGTERM/SIGUSR1 after keeping its work (``libs.preemption.Preempted``) prints ``stopped: ...`` and
+exits 75. Anything else is a bug in the code and keeps its traceback.
 
 absl's own parser exits 1 on a flag error; ``parse_flags`` raises ``UserError`` instead. absl also exits 1 after
 printing the help a user asked for (``--help``, ``-h``, ``--helpfull``...); ``run`` exits 0 then. Under

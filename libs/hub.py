@@ -430,7 +430,7 @@ def missing_message(missing: List[Missing], total: int, offline: bool,
         if m.note:
             lines.append(f'    {m.note}')
     blocked = sorted(m.part.key or m.part.ref for m in missing if m.part.local_files_only and m.command)
-    if any('Hugging Face cache' in m.detail for m in missing):
+    if any(parse(m.part.ref, folder=m.part.kind != 'file') for m in missing):  # looked for in the cache
         lines.append(f'The Hugging Face cache looked in: {_cache_dir(cache_dir)}')
     if offline and any(m.command for m in missing):
         lines.append('HF_HUB_OFFLINE=1, so nothing was downloaded: run the commands where the Hub is reachable (they '
