@@ -22,11 +22,10 @@ import shlex
 import sys
 import time
 
-import torch
 from absl import flags
 from ml_collections import config_flags
 
-from libs import cli, logs, modes, pipeline, precision
+from libs import cli, logs
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +33,6 @@ logger = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_OUT = os.path.join(ROOT, 'out', 'demo')
 DEMO_CONFIG = f'{os.path.join(ROOT, "configs", "demo.py")}:{DEMO_OUT}'
-UNIDIFFUSER_MODES = [m for m in modes.MODES if m not in modes.EMPATH_MODES]
 MAX_STEPS, MAX_SCALE, MAX_SAMPLES = 100, 20.0, 4
 MAX_CHARS = 2000  # a bound on what the page sends; the real limit is the text encoder's token count, checked below
 APP_ARGS = 'EMPATH_APP_ARGS'  # extra command-line flags from the environment (a Space cannot pass arguments)
@@ -42,6 +40,7 @@ APP_ARGS = 'EMPATH_APP_ARGS'  # extra command-line flags from the environment (a
 CSS = ('.face img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated} '
        '#images img {image-rendering: pixelated}')
 FACE_HEIGHT = 280  # pixels of the face boxes in the page
+DEMO_EXAMPLES = 6  # speaker turns of the demo's test split offered as examples, each with another gold emotion
 SCALE_NAMES = dict(scale='guidance scale', scale_text='utterance scale', scale_face='face scale')
 FLAGS = flags.FLAGS
 
@@ -81,6 +80,28 @@ def demo_nnet_path(config):
     raise UserError(f'{run_dir} has no trained network yet (the demo stopped before its first checkpoint). {how}')
 
 
+def examples(config):
+    """[speaker face, utterance, gold emotion] rows the page offers.
+
+    Serving the demo's network (configs/demo.py: its config has ``demo`` settings and a synthetic AvaMERG under
+    config.data.root), they are held-out speaker turns of the demo's own test split, each with another gold emotion,
+    so that the answer can be checked against what the model was trained to do. Otherwise one real-looking turn.
+    """
+    from libs.avamerg import AvaMERG
+    if 'demo' not in config or not os.path.isdir(os.path.join(config.data.root, 'test')):
+        return [[os.path.join(ROOT, 'assets', 'speaker_sad.png'), 'I lost my job today.', '']]
+    reader, rows, seen = AvaMERG(config.data.root, 'test'), [], set()
+    for pair in reader.pairs:
+        face = reader.media.frames.get(pair.speaker_stem)
+        if face is None or pair.emotion in seen:
+            continue
+        seen.add(pair.emotion)
+        rows.append([face, pair.speaker_text, pair.emotion])
+        if len(rows) == DEMO_EXAMPLES:
+            break
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Requests: page values -> checked inputs -> libs.pipeline.generate
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,8 +139,15 @@ def request_config(config, steps, seed, speaker_guidance=None, **scales):
     return config
 
 
+def unidiffuser_modes():
+    """UniDiffuser's own modes (libs.modes imports torch: read when serving, not when answering --help)."""
+    from libs import modes
+    return [m for m in modes.MODES if m not in modes.EMPATH_MODES]
+
+
 def guidance_note(config, mode):
     """How this sample was guided, in words."""
+    from libs import modes
     if mode in modes.EMPATH_MODES and config.sample.speaker_guidance == 'two_scale':
         return f'utterance scale {config.sample.scale_text:g}, face scale {config.sample.scale_face:g}'
     return f'guidance scale {config.sample.scale:g}'
@@ -157,6 +185,9 @@ def check_text(comp, text, what):
 
 def run(comp, mode, settings, n_samples=1, prompt=None, image=None):
     """``libs.pipeline.generate`` under ``request_config(**settings)``; returns (outputs, time and settings line)."""
+    import torch
+
+    from libs import pipeline, precision
     config = request_config(comp.config, **settings)
     request = dataclasses.replace(comp, config=config)  # shares the loaded networks, not the config
     ctx = pipeline.make_context(request, torch.Generator(comp.device).manual_seed(config.seed))
@@ -184,8 +215,9 @@ def respond(comp, face, utterance, speaker_guidance, scale, scale_text, scale_fa
 
 def unidiffuser(comp, mode, prompt, image, n_samples, scale, steps, seed):
     """One UniDiffuser mode: (images, texts one per line, time taken); inputs the mode does not read are ignored."""
-    if mode not in UNIDIFFUSER_MODES:
-        raise UserError(f'unknown mode {mode!r}; choose one of {", ".join(UNIDIFFUSER_MODES)}')
+    from libs import modes
+    if mode not in unidiffuser_modes():
+        raise UserError(f'unknown mode {mode!r}; choose one of {", ".join(unidiffuser_modes())}')
     needs = modes.MODE_INPUTS[mode]
     prompt = check_text(comp, prompt, 'prompt') if 'prompt' in needs else None
     image = read_image(image, 'image') if 'img' in needs else None
@@ -223,6 +255,7 @@ def in_page(fn):
 
 def mode_label(mode):
     """'t2i: Text -> image', from the mode function's docstring."""
+    from libs import modes
     return f'{mode}: {re.split("[:;.]", modes.MODES[mode].__doc__)[0].strip()}'
 
 
@@ -260,6 +293,8 @@ def speaker_guidance_controls(config):
 def build_app(comp, nnet_path):
     """The Gradio Blocks page for loaded components (see ``respond`` and ``unidiffuser``)."""
     import gradio as gr
+
+    from libs import modes
     conditional = comp.nnet.condition
     # Both tabs share one queue slot: one request uses the networks at a time, the others wait their turn.
     queue = dict(concurrency_id='model', concurrency_limit=1, preprocess=False)
@@ -286,13 +321,15 @@ def build_app(comp, nnet_path):
                                                elem_id='response-utterance')
                     emotion = gr.Label(label="Speaker's emotion (top classes)", elem_id='speaker-emotion')
                     took = gr.Markdown(elem_id='response-time')
-            gr.Examples([[os.path.join(ROOT, 'assets', 'speaker_sad.png'), 'I lost my job today.']], [face, utterance])
+            # The gold emotion fills a box of its own, read next to the predicted one; it is no input of the model.
+            gold = gr.Textbox(label='Gold emotion of the example', interactive=False, elem_id='gold-emotion')
+            gr.Examples(examples(comp.config), [face, utterance, gold], label='Examples')
             button.click(in_page(lambda *a: respond(comp, *a)), [face, utterance, *controls],
                          [response_face, response_text, emotion, took], api_name='respond', **queue)
         with gr.Tab('UniDiffuser', id='unidiffuser'):
             with gr.Row():
                 with gr.Column():
-                    mode = gr.Dropdown([(mode_label(m), m) for m in UNIDIFFUSER_MODES], value='t2i', label='Mode',
+                    mode = gr.Dropdown([(mode_label(m), m) for m in unidiffuser_modes()], value='t2i', label='Mode',
                                        elem_id='mode')
                     prompt = gr.Textbox(label='Prompt', lines=2, max_length=MAX_CHARS, elem_id='prompt')
                     image = gr.Image(label='Image', sources=['upload', 'webcam'], type='filepath', visible=False,
@@ -314,6 +351,9 @@ def build_app(comp, nnet_path):
 
 def serve(config, nnet_path, host=None, port=None):
     """Load the components once and serve the page until the process is stopped."""
+    import torch
+
+    from libs import pipeline
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     comp = pipeline.load_components(config, device, nnet_path)
     page = build_app(comp, comp.nnet_path)

@@ -1,7 +1,7 @@
 """Sample UniDiffuser / EmpathDiffuser in any mode.
 
     python sample_multi.py --mode=t2i --prompt="an elephant under the sea" --n_samples=4
-    python sample_multi.py --mode=empath --img=speaker.png --prompt="I lost my job today." \
+    python sample_multi.py --mode=empath --img=speaker.png --prompt="I lost my job today." \\
         --config=configs/avamerg_empath.py --nnet_path=workdir/run/nnet_ema.safetensors
 
 Outputs go to ``<output_path>/<mode>/``: ``<i>.png`` and ``grid.png`` for images, ``<mode>.txt`` (``prompts.txt``
@@ -16,23 +16,23 @@ import shutil
 import tempfile
 import time
 
-import torch
 from absl import flags
 from ml_collections import config_flags
-from PIL import Image
 
-from libs import cli, config_check, logs, modes, pipeline, precision
+from libs import cli, logs
 from libs.errors import UserError
-from libs.io import atomic_replace_dir, writing
 
 FLAGS = flags.FLAGS
+# The modes of libs.modes.MODES, named here because that module imports torch, which --help must not wait for
+# (tests/test_help.py checks the two lists agree).
+MODE_NAMES = ('t2i', 'i2t', 'joint', 'i', 't', 'i2t2i', 't2i2t', 'empath', 'empath_t', 'empath_i')
 
 
 def define_flags():
     """The command line (defined only when run as a script, so importing this module defines no flags)."""
     config_flags.DEFINE_config_file('config', 'configs/sample_unidiffuser_v1.py', 'Sampling configuration.',
                                     lock_config=False)
-    flags.DEFINE_string('mode', None, 'one of: ' + ', '.join(modes.MODES))
+    flags.DEFINE_string('mode', None, 'one of: ' + ', '.join(MODE_NAMES))
     flags.DEFINE_string('prompt', None, 'the prompt (t2i, t2i2t) or the speaker utterance (empath modes)')
     flags.DEFINE_string('img', None, 'the image (i2t, i2t2i) or the speaker face (empath modes)')
     flags.DEFINE_integer('n_samples', 1, 'number of samples')
@@ -48,6 +48,7 @@ def define_flags():
 
 def check_flags(mode, prompt, img, n_samples):
     """Validate the command line before anything is loaded."""
+    from libs import modes
     modes.get_mode(mode)
     if n_samples < 1:
         raise UserError(f'--n_samples must be at least 1, got {n_samples}')
@@ -65,6 +66,7 @@ def check_flags(mode, prompt, img, n_samples):
 
 def load_image(path):
     """Open an RGB image, turning any failure into a clear message."""
+    from PIL import Image
     if not os.path.isfile(path):
         raise UserError(f'--img {path}: no such file')
     try:
@@ -76,6 +78,7 @@ def load_image(path):
 
 def write_outputs(folder, mode, result, nrow, record):
     """Write images, grid, texts and samples.json into folder."""
+    from libs import pipeline
     os.makedirs(folder, exist_ok=True)
     images = result.get('images', [])
     for i, im in enumerate(images):
@@ -94,6 +97,10 @@ def write_outputs(folder, mode, result, nrow, record):
 
 def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=None, allow_untrained_condition=False):
     """Load the components, generate, and publish <output_path>/<mode>/ atomically. Returns the record."""
+    import torch
+
+    from libs import config_check, modes, pipeline, precision
+    from libs.io import atomic_replace_dir, writing
     config_check.check(config, 'model', 'sample')
     image = check_flags(mode, prompt, img, n_samples)
     with writing(output_path):  # before anything is loaded: an unwritable output path fails now

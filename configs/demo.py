@@ -103,6 +103,10 @@ def get_config(arg='out/demo'):
 
     # ---- Demo-only stages (scripts/demo.py, libs/demo/) ---------------------------------------------------------
     config.demo = d(
+        # torch threads of every stage: a float sum split over another number of threads adds in another order, so
+        # the report is reproducible bit for bit only at a fixed count (docs/demo_determinism.md). Two: the laptop
+        # the schedule is sized for.
+        threads=2,
         initial_caption_decoder=f'{models}/caption_decoder.pth',   # the random one, before train_caption_decoder.py
         tokenizers=d(clip_merges=1000, gpt2_vocab=1000, clip_layers=2, clip_heads=2),
         dialogues=600 if quick else 1200, test_dialogues=60 if quick else 100,

@@ -2,14 +2,15 @@
 
     if __name__ == '__main__':
         define_flags()
-        cli.run(main)                    # absl scripts; argparse scripts: sys.exit(cli.call(main))
+        cli.run(main)                    # every entry point: absl flags, then main
 
 A user error — a bad flag or config value, an unknown config key, a config file that is missing or raises, a
 ``UserError``, or an OS error the user can fix (full disk, read-only or unwritable folder, a file where a folder
-should be, a missing file) — prints one line on stderr (``error: <what, where, how to fix>``) and exits with code 2
-(``UserError.exit_code``: train_empath.py's diverged run exits 3). Ctrl-C exits 130 without a traceback. A job stopped
-by SIGTERM/SIGUSR1 after keeping its work (``libs.preemption.Preempted``) prints ``stopped: ...`` and exits 75. Anything
-else is a bug in the code and keeps its traceback.
+should be, a missing file) — prints one line on stderr (``error: <what, where, how to fix>``), followed by the
+``details`` lines of a UserError that carries some (one missing file per line, each with a command to copy), and exits
+with code 2 (``UserError.exit_code``: train_empath.py's diverged run exits 3). Ctrl-C exits 130 without a traceback.
+A job stopped by SIGTERM/SIGUSR1 after keeping its work (``libs.preemption.Preempted``) prints ``stopped: ...`` and
+exits 75. Anything else is a bug in the code and keeps its traceback.
 
 absl's own parser exits 1 on a flag error; ``parse_flags`` raises ``UserError`` instead. absl also exits 1 after
 printing the help a user asked for (``--help``, ``-h``, ``--helpfull``...); ``run`` exits 0 then. Under
@@ -82,16 +83,27 @@ def close_progress_bars() -> None:
         bar.close()
 
 
-def report(message: str) -> None:
-    """Print one error line on stderr and add it to this process's log files (e.g. a run's log.txt)."""
+def report(message: str, details=()) -> None:
+    """Print one error line on stderr, then each detail line as it is (line breaks inside one folded), and add them
+    to this process's log files (e.g. a run's log.txt)."""
     world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
     line = f'error: {one_line(message)}' if world <= 1 else f'error (process {rank} of {world}): {one_line(message)}'
+    # A detail keeps its indentation: it is how a command line stands out from the line that names what it fetches.
+    line = '\n'.join([line, *(re.match(r'\s*', d)[0] + one_line(d) for d in details)])
     close_progress_bars()
     print(line, file=sys.stderr, flush=True)
     record = logging.LogRecord('error', logging.ERROR, __file__, 0, line, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def report_user_error(err: UserError) -> None:
+    """A UserError's one line, and its details one per line."""
+    if err.details:
+        report(err.headline, err.details)
+    else:
+        report(unwrap_worker_error(err))
 
 
 def call(main, *args) -> int:
@@ -104,7 +116,7 @@ def call(main, *args) -> int:
         print(f'stopped: {one_line(err)}', file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except UserError as err:
-        report(unwrap_worker_error(err))
+        report_user_error(err)
         return err.exit_code
     except app.UsageError as err:
         report(err)
@@ -248,7 +260,7 @@ def _parse_or_exit(argv, flags_parser):
     try:
         return flags_parser(argv)
     except UserError as err:
-        report(err)
+        report_user_error(err)
         sys.exit(err.exit_code)
     except SystemExit as exit_:
         if exit_.code == 1 and asks_for_help(argv):

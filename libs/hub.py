@@ -262,7 +262,7 @@ def _revision_note(hub: HubRef) -> str:
 
 def _locate_hub(part: Part, hub: HubRef, cache_dir: str):
     """(local path, None) when the cache holds everything the part needs at its revision, else (None, Missing)."""
-    where = f'{hub.repo_id}{_revision_note(hub)}, not in the Hugging Face cache ({cache_dir})'
+    where = f'{hub.repo_id}{_revision_note(hub)}, not in the Hugging Face cache'  # the cache: once, at the end
     if part.kind == 'file':
         path = _cached(hub, hub.path, cache_dir)
         if path:
@@ -408,17 +408,20 @@ def resolve(parts: Sequence[Part], config=None, cache_dir=None) -> List[str]:
                 located[i][1].detail += f'; {failed[k]}'
     missing = [m for _, m in located if m is not None]
     if missing:
-        raise UserError(missing_message(missing, len(parts), offline))
+        raise UserError(*missing_message(missing, len(parts), offline, cache_dir))
     return [path for path, _ in located]
 
 
-def missing_message(missing: List[Missing], total: int, offline: bool) -> str:
-    """One message for every missing component: what, where it was looked for, and the command that gets it."""
+def missing_message(missing: List[Missing], total: int, offline: bool,
+                    cache_dir: Optional[str] = None) -> Tuple[str, List[str]]:
+    """One message for every missing component: a first line, then (the details) one line per component saying
+    what it is and where it was looked for, each followed by the command that gets it on a line of its own."""
     if total == 1:
-        lines = ['A pretrained component is missing:']
+        headline = 'A pretrained component is missing:'
     else:
         count = f'All {total}' if len(missing) == total else f'{len(missing)} of the {total}'
-        lines = [f'{count} pretrained components this run needs are missing (nothing was loaded):']
+        headline = f'{count} pretrained components this run needs are missing (nothing was loaded):'
+    lines = []
     for m in missing:
         where = f'{m.part.key}={m.part.ref}' if m.part.key else m.part.ref
         lines.append(f'- {m.part.what} ({where}): {m.detail}')
@@ -427,12 +430,14 @@ def missing_message(missing: List[Missing], total: int, offline: bool) -> str:
         if m.note:
             lines.append(f'    {m.note}')
     blocked = sorted(m.part.key or m.part.ref for m in missing if m.part.local_files_only and m.command)
+    if any(parse(m.part.ref, folder=m.part.kind != 'file') for m in missing):  # looked for in the cache
+        lines.append(f'The Hugging Face cache looked in: {_cache_dir(cache_dir)}')
     if offline and any(m.command for m in missing):
         lines.append('HF_HUB_OFFLINE=1, so nothing was downloaded: run the commands where the Hub is reachable (they '
                      'fill the Hugging Face cache, which can be copied here), or unset HF_HUB_OFFLINE.')
     if blocked:
         lines.append(f'local_files_only is set for {", ".join(blocked)}, so those were not downloaded.')
-    return '\n'.join(lines)
+    return headline, lines
 
 
 def preflight(config, names: Sequence[str], nnet_path: Optional[str] = None) -> Dict[str, str]:

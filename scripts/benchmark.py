@@ -24,7 +24,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'configs')]
 
-import torch  # noqa: E402
 from absl import flags  # noqa: E402
 
 from libs import cli  # noqa: E402
@@ -42,6 +41,7 @@ CAPTION_TARGET_S = 0.05
 
 def sync(device):
     """Wait for queued GPU work so wall-clock times are real."""
+    import torch
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -80,6 +80,8 @@ def timed(fn, device, repeats) -> float:
 
 def under(device, dtype, fn):
     """fn run without gradients in the autocast of ``dtype`` (None = fp32)."""
+    import torch
+
     from libs import precision
 
     def run():
@@ -104,6 +106,8 @@ class Budget:
 
 def machine(device) -> str:
     """Where the numbers come from: date, device, torch, and for a CPU its model, cores, bf16 features and load."""
+    import torch
+
     from libs.precision import cpu_bf16_features
     date = datetime.date.today().isoformat()
     if device.type == 'cuda':
@@ -134,6 +138,8 @@ def bench_config(size):
 
 def build_components(config, device, name):
     """pipeline.Components holding a random U-ViT (``name`` = nnet.name) and no encoders."""
+    import torch
+
     from libs import pipeline
     from libs.uvit import build_nnet
     with torch.device(device):  # initialised where it runs: a 952M CPU initialisation takes minutes
@@ -145,6 +151,8 @@ def build_components(config, device, name):
 
 def context(comp, precision, steps, seed=0):
     """The sampling context of libs.pipeline at a given precision and step count."""
+    import torch
+
     from libs import pipeline
     comp.config.sample.update(precision=precision, sample_steps=steps)
     return pipeline.make_context(comp, torch.Generator(comp.device).manual_seed(seed))
@@ -152,6 +160,7 @@ def context(comp, precision, steps, seed=0):
 
 def random_inputs(config, device, B):
     """Random network-space inputs of every mode for B samples."""
+    import torch
     g = torch.Generator(device).manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=g, device=device)
     return dict(n=B, z=rand(B, *config.z_shape), clip_img=rand(B, 1, config.clip_img_dim),
@@ -186,6 +195,8 @@ def forward_cases(nets, x, t, dt, cond, cache):
 
 def forward_rows(nets, config, device, precisions, batches, repeats, budget):
     """(what, batch, precision, seconds per row) of every forward case, the precisions timed in turns."""
+    import torch
+
     from libs import precision as P
     rows = []
     for B in batches:
@@ -208,6 +219,8 @@ def forward_rows(nets, config, device, precisions, batches, repeats, budget):
 
 def mode_rows(nets, config, device, modes_, precisions, batches, steps, repeats, budget):
     """Seconds per sample of each mode at each precision (timed in turns) and batch, with the warm-up seconds."""
+    import torch
+
     from libs import modes
     results = {}
     for mode in modes_:
@@ -241,6 +254,8 @@ def sampler_run(comp, ctx, mode, inputs, outputs: list):
 
 def caption_rows(config, device, batches, repeats, budget):
     """Seconds per caption of the batched beam search (5 beams, up to 67 tokens), fp32, random weights."""
+    import torch
+
     from libs.caption_decoder import CaptionDecoder
     cd = config.caption_decoder.to_dict()
     if cd['gpt2']['vocab_size'] <= 0:
@@ -256,55 +271,14 @@ def caption_rows(config, device, batches, repeats, budget):
     return rows
 
 
-class PlainBlock(torch.nn.Module):
-    """The textbook post-LN SDPA block of the U-ViT's width, optionally with its long-skip fusion and, over cached
-    keys, a second SDPA call through a per-head map (the U-ViT's gate, libs.uvit.Attention)."""
-
-    def __init__(self, dim, heads, mlp_ratio, skip):
-        super().__init__()
-        nn = torch.nn
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
-        self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.skip = nn.Sequential(nn.Linear(2 * dim, dim), nn.LayerNorm(dim)) if skip else None
-        self.gate = nn.Parameter(0.02 * torch.randn(heads, dim // heads, dim // heads))
-
-    def forward(self, x, skip=None, cond_kv=None):
-        B, L, D = x.shape
-        if self.skip is not None:
-            x = self.skip(torch.cat([x, skip], -1))
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        if cond_kv is not None:
-            a = a + torch.nn.functional.scaled_dot_product_attention(q, *cond_kv) @ self.gate.to(a.dtype)
-        x = self.norm2(x + self.proj(a.transpose(1, 2).reshape(B, L, D)))
-        return self.norm3(x + self.mlp(x))
-
-
-class PlainTransformer(torch.nn.Module):
-    """A plain SDPA transformer with the U-ViT's blocks and long skips, fed ready-made tokens (no embedding)."""
-
-    def __init__(self, nnet):
-        super().__init__()
-        d, h = nnet.embed_dim, nnet.mid_block.attn.num_heads
-        r = nnet.mid_block.mlp.fc1.out_features / d
-        n = len(nnet.in_blocks)
-        self.blocks = torch.nn.ModuleList([PlainBlock(d, h, r, skip=i > n) for i in range(2 * n + 1)])
-        self.norm, self.n = torch.nn.LayerNorm(d), n
-
-    def forward(self, x, cond_kvs=None):
-        skips = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, skips.pop() if i > self.n else None, None if cond_kvs is None else cond_kvs[i])
-            if i < self.n:
-                skips.append(x)
-        return self.norm(x)
-
-
 def profile_rows(nets, config, device, precision_name, B, repeats):
     """(what, U-ViT s/row, plain s/row) and per-op self-times (ms per forward) of both, at one precision and batch."""
+    import torch
+
     from torch.profiler import ProfilerActivity, profile
+
     from libs import precision as P
+    from libs.plain_transformer import PlainTransformer
     prec = P.resolve(precision_name, device)
     x = random_inputs(config, device, B)
     t = torch.full((B,), 500., device=device)
@@ -455,6 +429,8 @@ def define_flags():
 
 def main(argv):
     del argv
+    import torch
+
     from libs import modes, pipeline, precision
     from libs.errors import UserError
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')

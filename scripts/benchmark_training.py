@@ -36,21 +36,27 @@ import weakref
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'configs')]
 
-import torch  # noqa: E402
-from absl import app, flags  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from absl import flags  # noqa: E402
+
+from libs import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('size', 'mid', ['mid', 'full'], "'mid': a 31M U-ViT at 256² (CPU minutes); 'full': the 952M U-ViT "
-                  'at 512²')
-flags.DEFINE_string('methods', 'full,lora', 'comma-separated: full (full fine-tuning), lora')
-flags.DEFINE_string('batch', None, 'comma-separated batch sizes (default: 1,4 for mid, 1,8 for full)')
-flags.DEFINE_integer('steps', 3, 'timed training steps (median reported) after one warm-up step')
-flags.DEFINE_bool('checkpointing', None, 'gradient checkpointing (default: on for full, as the config, off for mid)')
-flags.DEFINE_integer('lora_rank', None, 'LoRA rank (default: the config, train.lora.rank)')
-flags.DEFINE_bool('eight_bit', False, 'bitsandbytes 8-bit AdamW (CUDA only)')
-flags.DEFINE_bool('estimate_only', False, 'print the meta-device estimate for --size and exit')
-flags.DEFINE_string('child', None, 'internal: run one measurement, "method,batch", and print it as JSON')
+
+
+def define_flags():
+    """The command line (defined only when run as a script)."""
+    flags.DEFINE_enum('size', 'mid', ['mid', 'full'], "'mid': a 31M U-ViT at 256² (CPU minutes); 'full': the 952M "
+                      'U-ViT at 512²')
+    flags.DEFINE_string('methods', 'full,lora', 'comma-separated: full (full fine-tuning), lora')
+    flags.DEFINE_string('batch', None, 'comma-separated batch sizes (default: 1,4 for mid, 1,8 for full)')
+    flags.DEFINE_integer('steps', 3, 'timed training steps (median reported) after one warm-up step')
+    flags.DEFINE_bool('checkpointing', None, 'gradient checkpointing (default: on for full, as the config, off for '
+                      'mid)')
+    flags.DEFINE_integer('lora_rank', None, 'LoRA rank (default: the config, train.lora.rank)')
+    flags.DEFINE_bool('eight_bit', False, 'bitsandbytes 8-bit AdamW (CUDA only)')
+    flags.DEFINE_bool('estimate_only', False, 'print the meta-device estimate for --size and exit')
+    flags.DEFINE_string('child', None, 'internal: run one measurement, "method,batch", and print it as JSON')
+
 
 GiB = 2 ** 30
 MID = dict(embed_dim=512, depth=8, num_heads=8)  # the 'mid' U-ViT: full-size layout, 1/3 width, 1/4 depth
@@ -76,6 +82,7 @@ def training_config(size: str, method: str, checkpointing: bool, lora_rank, eigh
 
 def random_batch(config, B: int, device) -> dict:
     """Random cached features of one batch (the tensors training_losses reads)."""
+    import torch
     C, h, w = config.z_shape
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g)
@@ -92,37 +99,44 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
-class LivePeak(TorchDispatchMode):
-    """The most bytes that tensors created while active occupy at the same time (each storage once, counted until
-    it is freed): activations, autograd's temporaries, gradients, optimizer states and the step's temporaries.
+def live_peak():
+    """A LivePeak context (torch loads when a measurement starts, not for --help)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    Works on fake tensors too (a storage's lifetime is followed by a weak reference, as torch's own MemTracker does;
-    MemTracker itself cannot track frozen parameters, which LoRA has).
-    """
+    class LivePeak(TorchDispatchMode):
+        """The most bytes that tensors created while active occupy at the same time (each storage once, counted until
+        it is freed): activations, autograd's temporaries, gradients, optimizer states and the step's temporaries.
 
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.storages = 0, 0, {}
+        Works on fake tensors too (a storage's lifetime is followed by a weak reference, as torch's own MemTracker does;
+        MemTracker itself cannot track frozen parameters, which LoRA has).
+        """
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # Outputs on an input's storage (in-place ops, views) allocate nothing. _cdata: a storage's identity.
-        inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self.storages and key not in inputs:
-                    n = storage.nbytes()
-                    self.storages[key] = weakref.ref(storage, functools.partial(self._freed, key, n))
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-        return out
+        def __init__(self):
+            super().__init__()
+            self.live, self.peak, self.storages = 0, 0, {}
 
-    def _freed(self, key, n, _):
-        self.live -= n
-        self.storages.pop(key, None)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # Outputs on an input's storage (in-place ops, views) allocate nothing. _cdata: a storage's identity.
+            inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    key = storage._cdata
+                    if key not in self.storages and key not in inputs:
+                        n = storage.nbytes()
+                        self.storages[key] = weakref.ref(storage, functools.partial(self._freed, key, n))
+                        self.live += n
+                        self.peak = max(self.peak, self.live)
+            return out
+
+        def _freed(self, key, n, _):
+            self.live -= n
+            self.storages.pop(key, None)
+
+    return LivePeak()
 
 
 def rss_bytes() -> int:
@@ -133,12 +147,15 @@ def rss_bytes() -> int:
 
 def sync(device):
     """Wait for queued GPU work so wall-clock times are real."""
+    import torch
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
 
 def measure(method: str, B: int) -> dict:
     """Peak memory, step time and the accounting of ``--steps`` training steps of one method."""
+    import torch
+
     from libs import trainer
     from libs.diffusion import Schedule, stable_diffusion_betas
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -169,7 +186,7 @@ def measure(method: str, B: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step(0)  # warm-up; it creates AdamW's states
-    with LivePeak() as live:  # slows the step down: not timed
+    with live_peak() as live:  # slows the step down: not timed
         step(1)
     times = []
     for s in range(2, FLAGS.steps + 2):
@@ -205,6 +222,7 @@ def checkpointing() -> bool:
 
 def estimate(size: str, method: str, B: int, use_checkpoint: bool, lora_rank, autocast: bool) -> dict:
     """The accounting of one training step on fake tensors, which hold no memory (see the module docstring)."""
+    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from libs import trainer
     from libs.diffusion import Schedule, stable_diffusion_betas
@@ -216,7 +234,7 @@ def estimate(size: str, method: str, B: int, use_checkpoint: bool, lora_rank, au
     with FakeTensorMode(allow_non_fake_inputs=True):
         nnet = nnet.to_empty(device='cpu')
         reducer = torch.nn.Linear(config.clip_text_dim, config.text_dim).requires_grad_(False)
-        with LivePeak() as live:
+        with live_peak() as live:
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
                 losses, _ = trainer.training_losses(nnet, batch, rand, reducer, schedule, config)
             losses['loss'].mean().backward()
@@ -233,6 +251,7 @@ def estimate(size: str, method: str, B: int, use_checkpoint: bool, lora_rank, au
 
 def machine(device) -> str:
     """Where the numbers come from."""
+    import torch
     if device.type == 'cuda':
         return f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}'
     return f'{platform.processor() or platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}'
@@ -275,6 +294,8 @@ def run_child(method: str, B: int, steps=None, **env) -> dict:
 def main(argv):
     del argv
     import logging
+
+    import torch
     logging.getLogger('libs').setLevel(logging.WARNING)  # build_model's initialisation notes are not results
     batches = [int(b) for b in (FLAGS.batch or ('1,8' if FLAGS.size == 'full' else '1,4')).split(',')]
     if FLAGS.child:
@@ -309,4 +330,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    define_flags()
+    cli.run(main)

@@ -2,6 +2,8 @@
 
     python scripts/demo.py --out out/demo            # full schedule (at most 15 minutes on two cores)
     python scripts/demo.py --out /tmp/demo --quick   # shortened schedule (at most 6 minutes; the test suite)
+    python scripts/demo.py --readme_table assets/demo/metrics.json                 # its README table
+    python scripts/demo.py --readme_table assets/demo/metrics.json --write_readme  # ... into README.md
 
 As the real workflow: components -> features -> a UniDiffuser (pre-trained here, on the synthetic faces and
 utterances, and saved as an official uvit_v1.pth) -> the EmpathDiffuser fine-tune of configs/avamerg_empath.py ->
@@ -10,7 +12,6 @@ skipped on a rerun once done with the same settings (configs/demo.py; a changed 
 ones after it). The project's tools run in this process (one start-up instead of a dozen); the console shows the
 command line that does the same by hand.
 """
-import argparse
 import dataclasses
 import functools
 import importlib.util
@@ -23,7 +24,26 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a file, Python puts scripts/ (not the repository root) on the path
 
+from absl import flags  # noqa: E402
+
+from libs import cli  # noqa: E402
+from libs.errors import UserError  # noqa: E402
+
 logger = logging.getLogger('demo')
+FLAGS = flags.FLAGS
+README = os.path.join(ROOT, 'README.md')
+
+
+def define_flags():
+    """The command line (defined only when run as a script, so importing this module defines no flags)."""
+    flags.DEFINE_string('out', 'out/demo', 'output folder (a rerun reuses its finished stages)')
+    flags.DEFINE_bool('quick', False, 'shortened schedule (the test suite\'s)')
+    flags.DEFINE_integer('seed', 0, 'seed of everything, for the run-to-run spread')
+    flags.DEFINE_string('readme_table', None, 'print the README\'s results table rendered from this metrics.json of '
+                        'a demo run, instead of running the demo')
+    flags.DEFINE_bool('write_readme', False, 'with --readme_table: write the table into --readme, between its '
+                      '<!-- demo-table:start --> and <!-- demo-table:end --> lines')
+    flags.DEFINE_string('readme', README, 'the README --write_readme writes into')
 
 
 def load_config(out: str, quick: bool, seed: int = 0, pretrain: bool = False):
@@ -139,12 +159,12 @@ def extract(config, run, folder):
 
 def train_caption_decoder(config, run, folder):
     """Fine-tune the random caption decoder on the corpus (train_caption_decoder.py); report its round trip."""
-    import train_caption_decoder
+    from libs import caption_decoder_training
     initial = config.copy_and_resolve_references()
     initial.workdir, initial.caption_decoder.pretrained_path = folder, config.demo.initial_caption_decoder
     line = command('train_caption_decoder.py', run.flags['finetune'], f'--config.workdir={folder}',
                    f'--config.caption_decoder.pretrained_path={config.demo.initial_caption_decoder}')
-    report = train_caption_decoder.train(initial)
+    report = caption_decoder_training.train(initial)
     return dict(commands=[line], **{k: report[k] for k in ('bleu_before', 'bleu_after', 'loss_curve', 'samples',
                                                                'train_utterances', 'heldout_utterances')})
 
@@ -325,27 +345,31 @@ def modes(config, run, folder):
 
 # What the face size (resolution()) is computed from: the stages that draw or encode faces at that size read them.
 SIZE_KEYS = ('z_shape', 'autoencoder.block_out_channels')
-EVAL_KEYS = ('seed', 'sample', 'eval', 'demo.eval')
+# What every computing stage's bits depend on besides its own settings (the thread count: the order of float sums).
+RUN_KEYS = ('seed', 'demo.threads')
+EVAL_KEYS = (*RUN_KEYS, 'sample', 'eval', 'demo.eval')
 STAGES = (
     # name, function, config it reads ('pretrain' or 'finetune'), config keys, stages whose outputs it reads, what
     ('data', make_data, 'finetune', ('seed', 'demo.dialogues', 'demo.test_dialogues', 'demo.listeners', *SIZE_KEYS),
      (), 'writing a synthetic AvaMERG'),
-    ('models', make_components, 'finetune', ('seed', 'clip_text', 'clip_img', 'clip_text_dim', 'clip_img_dim',
+    ('models', make_components, 'finetune', (*RUN_KEYS, 'clip_text', 'clip_img', 'clip_text_dim', 'clip_img_dim',
                                              'num_text_tokens', 'caption_decoder', 'demo.initial_caption_decoder',
                                              'demo.tokenizers', *SIZE_KEYS),
      ('data',), 'building tiny random encoders and caption decoder, tokenizers learned on the corpus'),
-    ('codec', train_codec, 'finetune', ('seed', 'autoencoder', 'demo.codec'), ('models',),
+    ('codec', train_codec, 'finetune', (*RUN_KEYS, 'autoencoder', 'demo.codec'), ('models',),
      'training the tiny AutoencoderKL'),
-    ('features', extract, 'finetune', ('data',), ('codec',), 'encoding every pair with the VAE and CLIP encoders'),
-    ('caption_decoder', train_caption_decoder, 'finetune', ('caption_decoder_train',), ('features',),
+    ('features', extract, 'finetune', ('data', 'demo.threads'), ('codec',),
+     'encoding every pair with the VAE and CLIP encoders'),
+    ('caption_decoder', train_caption_decoder, 'finetune', ('caption_decoder_train', 'demo.threads'), ('features',),
      'fine-tuning the caption decoder'),
-    ('classifier', train_classifier, 'finetune', ('seed', 'demo.classifier', 'demo.eval.pairs'), ('features',),
+    ('classifier', train_classifier, 'finetune', (*RUN_KEYS, 'demo.classifier', 'demo.eval.pairs'), ('features',),
      'training the expression classifier (a measuring instrument)'),
-    ('pretrain', pretrain, 'pretrain', ('seed', 'nnet', 'train', 'optimizer', 'data', 'pretrain'),
+    ('pretrain', pretrain, 'pretrain', (*RUN_KEYS, 'nnet', 'train', 'optimizer', 'data', 'pretrain'),
      ('caption_decoder',), 'pre-training a small UniDiffuser (joint image-text objective, no speaker)'),
-    ('init', check_init, 'finetune', ('seed', 'nnet', 'train.init_from', 'train.val_pairs', 'data.val'), ('pretrain',),
+    ('init', check_init, 'finetune', (*RUN_KEYS, 'nnet', 'train.init_from', 'train.val_pairs', 'data.val'),
+     ('pretrain',),
      'checking that the fine-tune starts from the pre-trained network'),
-    ('train', finetune, 'finetune', ('seed', 'nnet', 'train', 'optimizer', 'data'), ('init',),
+    ('train', finetune, 'finetune', (*RUN_KEYS, 'nnet', 'train', 'optimizer', 'data'), ('init',),
      'fine-tuning it into EmpathDiffuser (configs/avamerg_empath.py recipe)'),
     ('eval', sweep, 'finetune', (*EVAL_KEYS, 'demo.sweep'), ('train', 'classifier'),
      'responding to held-out speaker turns over guidance scales and step counts'),
@@ -354,30 +378,43 @@ STAGES = (
     ('pretrained', pretrained, 'finetune', EVAL_KEYS, ('init', 'classifier'),
      'control: the fine-tune\'s starting point, the pre-trained network'),
     ('online', online, 'finetune', EVAL_KEYS, ('train', 'classifier'), 'the online network against its EMA'),
-    ('modes', modes, 'finetune', ('seed', 'sample', 'demo.modes'), ('train', 'classifier'),
+    ('modes', modes, 'finetune', (*RUN_KEYS, 'sample', 'demo.modes'), ('train', 'classifier'),
      'UniDiffuser\'s t2i and i2t before and after fine-tuning'),
 )
 
 
-def main(argv=None):
-    """Parse the command line, run the stages, write the report; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', default='out/demo', help='output folder (a rerun reuses its finished stages)')
-    parser.add_argument('--quick', action='store_true', help='shortened schedule (the test suite\'s)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of everything, for the run-to-run spread')
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+def run_demo(out: str, quick: bool, seed: int) -> dict:
+    """Run the stages into `out`, write the report; returns the metrics."""
     from libs.demo import report, stages
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(out)
     run = Run(out, {}, {})
     for role in ('finetune', 'pretrain'):
-        run.configs[role], run.flags[role] = load_config(out, args.quick, args.seed, pretrain=role == 'pretrain')
+        run.configs[role], run.flags[role] = load_config(out, quick, seed, pretrain=role == 'pretrain')
+    stages.make_reproducible(run.configs['finetune'].demo.threads)
     table = [stages.Stage(name, functools.partial(fn, run.configs[role], run), keys, deps, what, run.configs[role])
              for name, fn, role, keys, deps, what in STAGES]
     markers = stages.run_stages(table, run.configs['finetune'], out)
-    summary = report.write_report(out, run.configs['finetune'], markers, 'quick' if args.quick else 'full')
-    print(report.terminal_summary(summary, os.path.join(out, 'report.html')))
-    return 0
+    summary, times = report.write_report(out, run.configs['finetune'], markers, 'quick' if quick else 'full')
+    print(report.terminal_summary(summary, times, os.path.join(out, 'report.html')))
+    return summary
+
+
+def main(argv):
+    """Run the demo, or render (and write) the README's table of a finished run."""
+    del argv
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', force=True)
+    if FLAGS.readme_table is None:
+        if FLAGS.write_readme:
+            raise UserError('--write_readme needs --readme_table=METRICS_JSON (the report to render)')
+        run_demo(FLAGS.out, FLAGS.quick, FLAGS.seed)
+        return
+    from libs.demo import readme
+    table = readme.render_table(readme.read_metrics(FLAGS.readme_table), FLAGS.readme_table)
+    if FLAGS.write_readme:
+        readme.write_block(FLAGS.readme, table)
+        print(f'wrote the table of {FLAGS.readme_table} into {FLAGS.readme}')
+    else:
+        print(table)
 
 
 if __name__ == '__main__':
@@ -385,5 +422,5 @@ if __name__ == '__main__':
     # Set before torch loads (here and in the tools the demo starts, which inherit the environment).
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
-    from libs import cli
-    sys.exit(cli.call(main))
+    define_flags()
+    cli.run(main)

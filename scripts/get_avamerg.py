@@ -12,7 +12,6 @@ not search are linked into one it does. The check prints, per split, dialogues, 
 stems whose media are missing (all of them in OUT/check.json); the exit code is 0 when everything is there and 2
 otherwise, with the `hf download` commands that fetch what is missing.
 """
-import argparse
 import os
 import shutil
 import sys
@@ -27,6 +26,8 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSn
                                     LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import filter_repo_objects  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from absl import flags  # noqa: E402
 
 from libs import cli  # noqa: E402
 from libs.avamerg import (FRAME_SUFFIXES, VIDEO_SUFFIX, MediaIndex, annotation_path, iter_pairs,  # noqa: E402
@@ -316,21 +317,24 @@ def get(out, frames=False, revision=None, frames_revision=None):
     return 2
 
 
-def main(argv=None):
-    """Parse the command line and run get(); returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', required=True, help='folder to arrange the dataset in (created if needed)')
-    parser.add_argument('--frames', action='store_true',
-                        help=f'the frames of {FRAMES_REPO} instead of the release videos (test videos still fetched)')
-    parser.add_argument('--revision', default=None, help=f'branch, tag or commit of {RELEASE_REPO} (default main)')
-    parser.add_argument('--frames_revision', default=None, help=f'the same for {FRAMES_REPO}')
-    args = parser.parse_args(argv)
-    try:
-        return get(os.path.abspath(args.out), args.frames, args.revision, args.frames_revision)
-    except UserError as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command line (defined only when run as a script)."""
+    flags.DEFINE_string('out', None, 'folder to arrange the dataset in (created if needed)', required=True)
+    flags.DEFINE_bool('frames', False, f'the frames of {FRAMES_REPO} instead of the release videos (test videos '
+                      'still fetched)')
+    flags.DEFINE_string('revision', None, f'branch, tag or commit of {RELEASE_REPO} (default main)')
+    flags.DEFINE_string('frames_revision', None, f'the same for {FRAMES_REPO}')
+
+
+def main(argv):
+    """Run get(); returns the exit code (2 when something is still missing)."""
+    del argv
+    return get(os.path.abspath(FLAGS.out), FLAGS.frames, FLAGS.revision, FLAGS.frames_revision)
 
 
 if __name__ == '__main__':
-    sys.exit(cli.call(main))
+    define_flags()
+    cli.run(main)

@@ -125,10 +125,32 @@ def test_bad_input_is_a_user_error(comp, face, tmp_path):
         ask(comp, face, UTTERANCE, guidance='sideways')
 
 
+def test_demo_examples_come_from_the_demo_test_split(tmp_path):
+    # Serving the demo's network, the page offers held-out speaker turns of the demo's own test split with their
+    # gold emotion (not a photo the demo model never saw); any other model gets the generic example.
+    import importlib.util
+
+    from libs.avamerg import AvaMERG
+    from libs.synthetic import make_dataset
+    spec = importlib.util.spec_from_file_location('demo_config', os.path.join(ROOT, 'configs', 'demo.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(str(tmp_path))
+    make_dataset(config.data.root, 0, 2, 12, size=32, listeners=(7,))
+    rows = app.examples(config)
+    pairs = {(p.speaker_text, p.emotion) for p in AvaMERG(config.data.root, 'test').pairs}
+    assert 2 <= len(rows) <= app.DEMO_EXAMPLES
+    for face_path, utterance, gold in rows:
+        assert os.path.isfile(face_path) and face_path.startswith(os.path.join(config.data.root, 'test'))
+        assert (utterance, gold) in pairs
+    assert len({gold for _, _, gold in rows}) == len(rows)  # each example shows another emotion
+    assert app.examples(tiny(str(tmp_path / 'models')))[0][0].endswith('speaker_sad.png')
+
+
 def test_unidiffuser_modes(comp, face):
     expected = {'t2i': (2, ''), 'i2t': (0, 2), 'joint': (2, 2), 'i': (2, ''), 't': (0, 2), 'i2t2i': (2, ''),
                 't2i2t': (0, 2)}
-    assert list(expected) == app.UNIDIFFUSER_MODES
+    assert list(expected) == app.unidiffuser_modes()
     for mode, (n_images, n_texts) in expected.items():
         images, texts, note = app.unidiffuser(comp, mode, 'a photo of a cat', {'path': face}, 2, 3, 4, 0)
         assert len(images) == n_images and all(im.size == (comp.resolution,) * 2 for im in images)
@@ -365,9 +387,13 @@ def test_nothing_leaves_this_machine(browser, server):
 
 
 def test_command_line_error_is_one_line_and_exit_2(tmp_path):
-    # A model that is not there ends in one 'error:' line through libs.cli (exit 2), -v accepted, no traceback.
+    # A model that is not there ends in one 'error:' line through libs.cli (exit 2), -v accepted, no traceback; the
+    # missing components follow it, one per line.
     done = subprocess.run([sys.executable, 'app.py', f'--config=configs/demo.py:{tmp_path}', '-v'], cwd=ROOT,
                           env=dict(os.environ, HF_HUB_OFFLINE='1'), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert 'Traceback' not in done.stderr and done.stderr.strip().splitlines()[-1].startswith('error: '), done.stderr
+    lines = done.stderr.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith('error: ')]
+    assert 'Traceback' not in done.stderr and len(errors) == 1, done.stderr
+    assert sum(line.startswith('- ') for line in lines[errors[0]:]) == 6, done.stderr
     assert str(tmp_path) in done.stderr

@@ -3,6 +3,7 @@ starting point, the report, the reuse of finished stages; and the demo's buildin
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -24,6 +25,12 @@ DEMO_TIMEOUT_S = 1800  # the quick schedule takes about 6 minutes on two idle co
 # (3.7 +- 1.4, where the speaker-blind network moved by up to 2.7) and the face (0.13 +- 0.15) are within the noise on
 # this schedule: the report shows them, the full schedule separates them (README), the test does not assert them.
 MARGINS = dict(emotion_coarse_acc=0.5, emotion_fine_acc=0.2, text_agreement=0.08)
+# How far the fine-tuned network must beat always answering the majority class. The shuffled control sits below
+# chance (a network answering the wrong speaker picks the wrong reaction), so beating it alone is not learning.
+# The quick schedule learns the speaker's emotion well above chance; its response utterance and face are near the
+# majority class (issue 22: utterance 0.380 vs 0.367, face 0.253 vs 0.369), so the test does not claim them: the
+# full schedule's report (assets/demo/) shows them.
+ABOVE_MAJORITY = dict(emotion_coarse_acc=0.3, emotion_fine_acc=0.1)
 
 
 def run_demo(out):
@@ -56,6 +63,12 @@ def test_instruments_read_the_synthetic_ground_truth(demo):
 def test_learning_beats_the_shuffled_speaker_control(demo, key):
     row = demo[1]['learning'][key]
     assert row['trained'] - row['shuffled'] >= MARGINS[key], row
+
+
+@pytest.mark.parametrize('key', sorted(ABOVE_MAJORITY))
+def test_learning_beats_the_majority_class(demo, key):
+    row = demo[1]['learning'][key]
+    assert row['trained'] - row['majority'] >= ABOVE_MAJORITY[key], row
 
 
 def test_controls_are_at_chance(demo):
@@ -110,9 +123,31 @@ def test_report_is_self_contained_and_readable_by_others(demo):
     assert f'report: {out / "report.html"}' in log and 'fine-tuned' in log
 
 
+def test_response_grid_is_a_small_png(demo):
+    # The picture of what the model does (the README's assets/demo_responses.png is one of these).
+    from PIL import Image
+    path = demo[0] / 'responses.png'
+    assert path.stat().st_size < 300_000
+    with Image.open(path) as image:
+        assert image.format == 'PNG' and image.width > 600 and image.height > 300
+
+
+def test_rerun_gives_the_same_report_bytes(demo):
+    # Determinism: an evaluation stage rerun with the same seed rewrites metrics.json and report.html byte for byte
+    # (the timings go to timings.json). The training stages are not rerun here: that would double the test's time.
+    out = demo[0]
+    first = {name: (out / name).read_bytes() for name in ('metrics.json', 'report.html', 'responses.png')}
+    timings = json.loads((out / 'timings.json').read_text())
+    shutil.rmtree(out / 'online')
+    log = run_demo(out)
+    assert log.count('done earlier') == len(timings['stages']) - 1, log[-3000:]
+    assert {name: (out / name).read_bytes() for name in first} == first
+
+
 def test_rerun_reuses_every_stage(demo):
-    out, metrics, _ = demo
-    markers = {name: (out / name / MARKER).read_text() for name in metrics['stages']}
+    out = demo[0]
+    stages = json.loads((out / 'timings.json').read_text())['stages']
+    markers = {name: (out / name / MARKER).read_text() for name in stages}
     log = run_demo(out)
     assert log.count('done earlier') == len(markers), log[-3000:]
     assert {name: (out / name / MARKER).read_text() for name in markers} == markers
@@ -235,3 +270,102 @@ def test_unfinished_stage_is_rebuilt_from_scratch(tmp_path):
     run_stages(toy_stages(calls), config, str(tmp_path))
     assert calls == ['b', 'c']  # c read b's outputs, which were rebuilt
     assert not (tmp_path / 'b' / 'leftover.txt').exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's results table
+# ----------------------------------------------------------------------------------------------------------------
+
+COMMITTED_REPORT = 'assets/demo/metrics.json'  # the report the README's table is rendered from
+
+
+def toy_metrics():
+    """The parts of a demo metrics.json the README table reads."""
+    row = lambda t: dict(trained=t, shuffled=0.1, pretrained=0.12, online=t, majority=0.23, uniform=0.14)  # noqa: E731
+    return dict(schedule='full', seed=0, evaluation=dict(pairs=160, sample_steps=20, guidance_scale=6.),
+                learning={k: row(v) for k, v in (('emotion_coarse_acc', 0.99), ('emotion_fine_acc', 0.5),
+                                                  ('text_agreement', 0.6), ('bleu4', 18.94),
+                                                  ('face_agreement', 0.48))},
+                modes=dict(pretrained=dict(t2i_agreement=0.43, i2t_agreement=0.15),
+                           finetuned=dict(t2i_agreement=0.52, i2t_agreement=0.43)),
+                instruments=dict(classes=['a', 'b', 'c', 'd']))
+
+
+def test_readme_table_renders_every_number_and_says_what_it_cannot_show():
+    from libs.demo.readme import render_table
+    table = render_table(toy_metrics(), 'x/metrics.json')
+    lines = table.splitlines()
+    assert lines[0].startswith('Full schedule, seed 0') and '--readme_table=x/metrics.json' in lines[0]
+    assert '| speaker emotion, 7 classes | 0.99 | 0.10 | 0.12 | 0.23 |' in lines
+    assert '| response BLEU-4 (sacreBLEU) | 18.9 | 0.10 | 0.12 | 0.23 |' in lines
+    assert '| t2i face shows its utterance\'s reaction (no speaker) | 0.52 |  | 0.43 | 0.25 (uniform) |' in lines
+    assert 'not how well a model reads real faces' in table
+
+
+def test_write_readme_replaces_only_the_marked_block(tmp_path):
+    from libs.demo.readme import END, START
+    metrics = tmp_path / 'metrics.json'
+    metrics.write_text(json.dumps(toy_metrics()))
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'# Title\n\nbefore\n{START}\nold table\n{END}\nafter\n')
+    command = [sys.executable, os.path.join('scripts', 'demo.py'), f'--readme_table={metrics}', '--write_readme',
+               f'--readme={readme}']
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    shown = subprocess.run(command[:3], cwd=ROOT, capture_output=True, text=True).stdout
+    assert text == f'# Title\n\nbefore\n{START}\n{shown.rstrip()}\n{END}\nafter\n'
+    readme.write_text('# no markers\n')
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith(f'error: {readme} must hold one {START} line'), done.stderr
+    assert readme.read_text() == '# no markers\n'
+
+
+def test_readme_table_is_rendered_from_the_committed_report():
+    from libs.demo.readme import block, read_metrics, render_table
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        table = block(f.read())
+    if table is None:
+        pytest.skip('README.md has no <!-- demo-table:start --> / <!-- demo-table:end --> block yet (the README '
+                    'rewrite adds it; then `python scripts/demo.py --readme_table=assets/demo/metrics.json '
+                    '--write_readme` fills it)')
+    expected = render_table(read_metrics(os.path.join(ROOT, COMMITTED_REPORT)), COMMITTED_REPORT)
+    assert table == expected, ('the README table is not the committed report\'s: run python scripts/demo.py '
+                               f'--readme_table={COMMITTED_REPORT} --write_readme')
+
+
+def test_response_grid_shows_each_pair_with_its_answer(tmp_path):
+    # One row per held-out pair: speaker face and utterance, the generated face and utterance (libs.demo.report).
+    import random
+
+    from PIL import Image
+
+    from libs.avamerg import AvaMERG
+    from libs.demo.report import GRID, write_response_grid
+    from libs.synthetic import make_dataset, render_face
+    make_dataset(str(tmp_path / 'data'), 0, 2, 4, size=32, listeners=(7,))
+    pairs = AvaMERG(str(tmp_path / 'data'), 'test').pairs[:3]
+    folder = tmp_path / 'eval' / 'scale6_steps20'
+    folder.mkdir(parents=True)
+    records = []
+    for i, p in enumerate(pairs):
+        render_face(7, 'happy', 32, random.Random(i)).save(folder / f'{i}.png')
+        records.append(dict(index=i, speaker_stem=p.speaker_stem, speaker_text=p.speaker_text, face=f'{i}.png',
+                            generated='That is wonderful news!', top3=[['joyful', 0.9], ['proud', 0.05]],
+                            gold_emotion=p.emotion))
+    (folder / 'pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in reversed(records)))
+    config = ml_collections.ConfigDict(dict(data=dict(root=str(tmp_path / 'data'))))
+    markers = {'eval': {'summary': {'default': 'scale6_steps20'}}}
+    write_response_grid(config, markers, str(tmp_path), str(tmp_path / 'grid.png'))
+    first = (tmp_path / 'grid.png').read_bytes()
+    with Image.open(tmp_path / 'grid.png') as grid:
+        rows = (grid.height - GRID['font_size'] - 2 * GRID['pad']) / (GRID['face'] + 2 * GRID['pad'])
+        assert rows == 3 and grid.width > 2 * GRID['text_width']
+        # The generated face sits, enlarged, in the third column of the first row.
+        x = 3 * GRID['pad'] + GRID['face'] + GRID['text_width']
+        y = GRID['font_size'] + 3 * GRID['pad']
+        shown = grid.crop((x, y, x + GRID['face'], y + GRID['face'])).convert('RGB')
+    with Image.open(folder / '0.png') as face:
+        assert shown.tobytes() == face.convert('RGB').resize((GRID['face'],) * 2, Image.NEAREST).tobytes()
+    write_response_grid(config, markers, str(tmp_path), str(tmp_path / 'grid.png'))
+    assert (tmp_path / 'grid.png').read_bytes() == first

@@ -192,9 +192,20 @@ def test_offline_cli_reports_all_default_components(tmp_path):
                          timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.startswith('error: All 6 pretrained components'), run.stderr[:500]
+    lines = run.stderr.splitlines()
+    # A first line that says what is wrong, then one component per line, each followed by its command on a line of
+    # its own: a person reads the list and copies a command whole.
+    assert lines[0] == 'error: All 6 pretrained components this run needs are missing (nothing was loaded):', lines[0]
+    components = [line for line in lines if line.startswith('- ')]
+    commands = [line.strip() for line in lines if line.strip().startswith('hf download ')]
+    assert len(components) == len(commands) == 6, run.stderr
+    for component, command in zip(components, commands):
+        assert lines[lines.index(component) + 1].strip() == command
+    assert all(line.count('hf download') <= 1 for line in lines)
+    assert f'The Hugging Face cache looked in: {tmp_path / "empty_cache"}' in lines
     for command in [f'hf download {UNIDIFFUSER_V1} {name}' for name in UNIDIFFUSER_FILES] + [
             f'hf download {repo_id} ' for repo_id in FOLDERS]:
-        assert command in run.stderr
+        assert any(c.startswith(command) for c in commands), command
 
 
 def test_missing_checkpoints_get_the_hint_that_fits(tiny_models, tmp_path):

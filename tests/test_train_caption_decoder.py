@@ -16,7 +16,7 @@ from libs.clip_encoders import CLIPTextEncoder
 from libs.features import FeatureDataset, make_manifest, tensor_spec, write_manifest, write_shard
 from libs.metrics import corpus_bleu_n
 from libs.tiny_models import make_tiny_models
-from train_caption_decoder import is_heldout, read_utterances, tokenize, train
+from libs.caption_decoder_training import is_heldout, read_utterances, tokenize, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMBOS = [f'{s} {v} {o}' for s, v, o in itertools.product(

@@ -2,7 +2,9 @@
 closing summary printed on the terminal.
 
 Every number comes from a stage marker (``<out>/<stage>/stage_done``) or from files the stages wrote; nothing is
-typed in. A trained number is bold only where it beats every control in its row.
+typed in. A trained number is bold only where it beats every control in its row. What this machine measured (wall
+and CPU seconds, load, date) goes into timings.json and timings.html, so that a rerun with the same seed rewrites
+metrics.json and report.html byte for byte (docs/demo_determinism.md).
 """
 import base64
 import html
@@ -18,6 +20,9 @@ from libs.demo.measure import CONTROLS, LEARNING, learning_numbers, read_jsonl
 from libs.io import atomic_write_bytes, atomic_write_json, read_rgb
 
 EXAMPLES = 10  # held-out pairs shown side by side
+RESPONSE_GRID = 'responses.png'  # the response grid of the README (assets/demo_responses.png)
+# The grid: held-out pairs, faces enlarged (with crisp pixels) and texts wrapped to a column width.
+GRID = dict(pairs=5, face=96, text_width=300, font_size=13, pad=8)
 COLUMNS = dict(trained='fine-tuned (EMA)', shuffled='speaker turns shuffled', pretrained='pre-trained (step 0)',
                online='online network', majority='majority class', uniform='uniform chance')
 
@@ -43,22 +48,36 @@ def machine() -> dict:
                 date=time.strftime('%Y-%m-%d'))
 
 
-def summarize(out: str, config, markers: dict, schedule: str) -> dict:
-    """Everything metrics.json holds: learning against controls, the starting point, sweep, t2i / i2t, timings."""
-    from libs.demo.measure import response_expressions
-    sweep = markers['eval']['summary']
-    classifier, modes = markers['classifier']['summary'], markers['modes']['summary']
-    stages = {name: dict(wall_s=m['seconds'], cpu_s=m.get('cpu_seconds'), load=m.get('load'))
+# Sweep-row fields that measure this machine, not the network: timings.json holds them.
+SWEEP_TIMINGS = ('seconds_per_pair',)
+
+
+def timings(markers: dict) -> dict:
+    """Everything timings.json holds: the machine, each stage's wall and CPU seconds and load, the sweep's speed."""
+    stages = {name: dict(wall_s=m['seconds'], cpu_s=m.get('cpu_seconds'), load=m.get('load'), threads=m.get('threads'))
               for name, m in markers.items()}
+    sweep = [dict(setting=r['setting'], **{k: r[k] for k in SWEEP_TIMINGS if k in r})
+             for r in markers['eval']['summary']['rows']]
+    return dict(machine=machine(), stages=stages, sweep=sweep,
+                total=dict(wall_s=round(sum(s['wall_s'] for s in stages.values()), 1),
+                           cpu_s=round(sum(s['cpu_s'] or 0 for s in stages.values()), 1)))
+
+
+def summarize(out: str, config, markers: dict, schedule: str) -> dict:
+    """Everything metrics.json holds: learning against controls, the starting point, sweep, t2i / i2t."""
+    from libs.demo.measure import response_expressions
+    sweep, pre = markers['eval']['summary'], markers['pretrain']['summary']['export']
+    classifier, modes = markers['classifier']['summary'], markers['modes']['summary']
     return dict(
-        schedule=schedule, seed=config.seed, machine=machine(),
+        schedule=schedule, seed=config.seed, threads=config.demo.threads,
         evaluation=dict(pairs=markers['shuffled']['summary']['settings']['samples'], setting=sweep['default'],
                         guidance_scale=config.sample.scale, sample_steps=config.sample.sample_steps,
                         speaker_guidance=config.sample.speaker_guidance),
         learning=learning_numbers(evaluations(markers), sweep['majority'], response_expressions()),
+        # Paths relative to the output folder: the same run into another folder writes the same file.
         start=dict(init=markers['init']['summary']['difference'], after=markers['train']['summary']['difference'],
-                   pretrained=markers['pretrain']['summary']['export']),
-        sweep=[{k: v for k, v in r.items() if k not in ('metrics', 'reads')} for r in sweep['rows']],
+                   pretrained=dict(pre, path=os.path.relpath(pre['path'], out))),
+        sweep=[{k: v for k, v in r.items() if k not in ('metrics', 'reads', *SWEEP_TIMINGS)} for r in sweep['rows']],
         modes={name: {k: v for k, v in modes[name].items() if k != 'examples'} for name in ('pretrained', 'finetuned')},
         instruments=dict(classes=classifier['classes'], heldout_rendered_acc=classifier['heldout_rendered_acc'],
                          reference_faces=classifier['reference_faces'],
@@ -66,9 +85,7 @@ def summarize(out: str, config, markers: dict, schedule: str) -> dict:
                          reference_texts=classifier['reference_texts']),
         fid=dict(computed=False, why=FID_NOTE),
         caption_decoder={k: markers['caption_decoder']['summary'][k] for k in ('bleu_before', 'bleu_after')},
-        codec={k: v for k, v in markers['codec']['summary'].items() if k != 'curve'},
-        stages=stages, total=dict(wall_s=round(sum(s['wall_s'] for s in stages.values()), 1),
-                                  cpu_s=round(sum(s['cpu_s'] or 0 for s in stages.values()), 1)))
+        codec={k: v for k, v in markers['codec']['summary'].items() if k != 'curve'})
 
 
 FID_NOTE = ('FID was not computed: it is defined with one particular Inception-v3 network (the TorchScript file '
@@ -332,6 +349,49 @@ def examples_section(config, markers: dict, out: str) -> str:
             + LEGEND)
 
 
+def grid_records(markers: dict, out: str) -> list:
+    """The fine-tuned network's answers to the first held-out pairs at the config's own setting (pairs.jsonl)."""
+    default = markers['eval']['summary']['default']
+    records = read_jsonl(os.path.join(out, 'eval', default, 'pairs.jsonl'))
+    return [dict(r, face_path=os.path.join(out, 'eval', default, r['face']))
+            for r in sorted(records, key=lambda r: r['index'])[:GRID['pairs']]]
+
+
+def write_response_grid(config, markers: dict, out: str, path: str) -> None:
+    """A PNG of held-out speaker turns (face, utterance) and the fine-tuned network's responses (face, utterance,
+    the speaker emotion it read), one pair per row, with the gold emotion: what the model does, in one picture."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    from libs.avamerg import AvaMERG
+    reader, g = AvaMERG(config.data.root, 'test'), GRID
+    font = ImageFont.load_default(size=g['font_size'])  # Pillow's own font: the same glyphs on every machine
+    chars = int(g['text_width'] / (0.55 * g['font_size']))  # about the average glyph width of the font
+    columns = ('speaker face', 'speaker utterance', 'response face', 'response utterance (speaker emotion read)')
+    widths = (g['face'], g['text_width'], g['face'], g['text_width'])
+    row_h, head_h = g['face'] + 2 * g['pad'], g['font_size'] + 2 * g['pad']
+    records = grid_records(markers, out)
+    grid = Image.new('RGB', (sum(widths) + g['pad'] * (len(widths) + 1), head_h + row_h * len(records)), 'white')
+    draw = ImageDraw.Draw(grid)
+    xs = [g['pad'] + sum(widths[:i]) + g['pad'] * i for i in range(len(widths))]
+    for x, label in zip(xs, columns):
+        draw.text((x, g['pad']), label, fill=(90, 90, 90), font=font)
+    for k, r in enumerate(records):
+        y = head_h + k * row_h + g['pad']
+        top = r['top3'][0]
+        texts = (f'{r["speaker_text"]}\n(gold emotion: {r["gold_emotion"]})',
+                 f'{r["generated"]}\n({top[0]} {top[1]:.2f})')
+        for x, face in ((xs[0], reader.load_face(r['speaker_stem'])), (xs[2], read_rgb(r['face_path']))):
+            grid.paste(face.resize((g['face'], g['face']), Image.NEAREST), (x, y))
+        for x, text in zip((xs[1], xs[3]), texts):
+            lines = [w for part in text.split('\n') for w in textwrap.wrap(part, chars)]
+            draw.multiline_text((x, y), '\n'.join(lines), fill='black', font=font, spacing=3)
+    buffer = io.BytesIO()
+    grid.save(buffer, format='PNG', optimize=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def codec_section(out: str) -> str:
     """Held-out faces and their codec reconstructions, labelled."""
     rows = [(label, image_tag(read_rgb(os.path.join(out, 'codec', f'{name}.png')), 3, label))
@@ -394,25 +454,36 @@ def components_rows(config, markers) -> list:
     ]
 
 
-def stages_section(summary: dict, markers: dict) -> str:
-    """Wall and CPU time of every stage, the load it ran under, and the command lines that do the same by hand."""
+def timings_section(times: dict) -> str:
+    """Wall and CPU time of every stage and the load it ran under (timings.html)."""
     rows = [(name, fmt(s['wall_s'], 1), fmt(s['cpu_s'], 1),
              '&ndash;' if not s['load'] else f'{s["load"][0]:.1f} &rarr; {s["load"][1]:.1f}')
-            for name, s in summary['stages'].items()]
-    rows.append(('<b>total</b>', fmt(summary['total']['wall_s'], 1), fmt(summary['total']['cpu_s'], 1), ''))
-    commands = [c for m in markers.values() for c in (m.get('summary') or {}).get('commands', [])]
-    mc = summary['machine']
+            for name, s in times['stages'].items()]
+    rows.append(('<b>total</b>', fmt(times['total']['wall_s'], 1), fmt(times['total']['cpu_s'], 1), ''))
+    mc = times['machine']
     return (table(('stage', 'wall s', 'CPU s', 'load average (start &rarr; end)'), rows, numeric_from=1)
             + f'<p class="note">{mc["cores"]} cores ({html.escape(mc["cpu"])}), Python {mc["python"]}, {mc["date"]}. '
               'CPU seconds count every thread of the process; on a machine shared with other jobs (load above the '
-              'number of cores) the wall time is inflated and the CPU time is the better guide.</p>'
-            + '<p>The same by hand:</p><pre>' + html.escape('\n'.join(commands)) + '</pre>')
+              'number of cores) the wall time is inflated and the CPU time is the better guide.</p>')
 
 
-def write_report(out: str, config, markers: dict, schedule: str) -> dict:
-    """Write <out>/metrics.json and the self-contained <out>/report.html; returns the metrics."""
-    summary = summarize(out, config, markers, schedule)
+def commands_section(markers: dict) -> str:
+    """The command lines that do what the stages did, by hand; the timings are one link away."""
+    commands = [c for m in markers.values() for c in (m.get('summary') or {}).get('commands', [])]
+    return ('<pre>' + html.escape('\n'.join(commands)) + '</pre><p class="note">How long each stage took on this '
+            'machine: <a href="timings.html">timings.html</a> (kept apart, so that a rerun with the same seed '
+            'rewrites this page byte for byte).</p>')
+
+
+def write_report(out: str, config, markers: dict, schedule: str):
+    """Write <out>/metrics.json, the self-contained <out>/report.html, the response grid and the timings apart;
+    returns (metrics, timings)."""
+    summary, times = summarize(out, config, markers, schedule), timings(markers)
     atomic_write_json(os.path.join(out, 'metrics.json'), summary)
+    atomic_write_json(os.path.join(out, 'timings.json'), times)
+    atomic_write_bytes(os.path.join(out, 'timings.html'), html_page(
+        'EmpathDiffuser demo: timings', [('Stages', timings_section(times))]).encode('utf-8'))
+    write_response_grid(config, markers, out, os.path.join(out, RESPONSE_GRID))
     sections = [
         ('What this is', '<p>The EmpathDiffuser workflow on a <b>synthetic</b> AvaMERG: a speaker face and utterance '
          'in, a listener face and utterance out, plus the speaker\'s emotion. In the synthetic data the speaker\'s '
@@ -433,11 +504,11 @@ def write_report(out: str, config, markers: dict, schedule: str) -> dict:
         ('Codec: held-out faces and their reconstructions', codec_section(out)),
         ('The small components (not the real ones)', table(('part', 'in this demo', 'in the real model'),
                                                             components_rows(config, markers))),
-        ('Stages', stages_section(summary, markers)),
+        ('The same by hand', commands_section(markers)),
     ]
     page = html_page('EmpathDiffuser demo on synthetic AvaMERG', sections)
     atomic_write_bytes(os.path.join(out, 'report.html'), page.encode('utf-8'))
-    return summary
+    return summary, times
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,7 +521,7 @@ def minutes(seconds: float) -> str:
     return f'{whole // 60} min {whole % 60} s'
 
 
-def terminal_summary(summary: dict, report_path: str) -> str:
+def terminal_summary(summary: dict, times: dict, report_path: str) -> str:
     """A few readable lines: what was learned against the controls, the starting point, where the report is."""
     numbers, ev = summary['learning'], summary['evaluation']
     lines = [f'EmpathDiffuser demo ({summary["schedule"]} schedule, seed {summary["seed"]}): {ev["pairs"]} held-out '
@@ -469,6 +540,6 @@ def terminal_summary(summary: dict, report_path: str) -> str:
               f'  t2i faces / i2t utterances showing the right reaction: pre-trained '
               f'{fmt(m["pretrained"]["t2i_agreement"])} / {fmt(m["pretrained"]["i2t_agreement"])}, fine-tuned '
               f'{fmt(m["finetuned"]["t2i_agreement"])} / {fmt(m["finetuned"]["i2t_agreement"])}',
-              f'  time: {minutes(summary["total"]["wall_s"])} ({minutes(summary["total"]["cpu_s"])} of CPU)',
+              f'  time: {minutes(times["total"]["wall_s"])} ({minutes(times["total"]["cpu_s"])} of CPU)',
               f'  report: {report_path}']
     return '\n'.join(lines)

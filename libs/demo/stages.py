@@ -44,6 +44,13 @@ class Stage:
     config: Optional[object] = None  # the config its keys are read from (default: the one run_stages gets)
 
 
+def make_reproducible(threads: int) -> None:
+    """Make this process compute the same bits on every rerun: a fixed number of torch threads (a float sum split
+    over another number of threads adds in another order) and torch's deterministic kernels."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
 def config_value(config, key: str):
     """The plain value of a dotted config key (ConfigDicts as dicts)."""
     value = config
