@@ -26,7 +26,7 @@ import torch
 from absl import flags
 from ml_collections import config_flags
 
-from libs import cli, logs, modes, pipeline, precision
+from libs import cli, logs, memory, modes, pipeline, precision
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -315,6 +315,7 @@ def build_app(comp, nnet_path):
 def serve(config, nnet_path, host=None, port=None):
     """Load the components once and serve the page until the process is stopped."""
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    memory.check_sampling(config, device, memory.usable_modes(config), MAX_SAMPLES)  # CUDA: what the page can ask
     comp = pipeline.load_components(config, device, nnet_path)
     page = build_app(comp, comp.nnet_path)
     host = host or os.environ.get('GRADIO_SERVER_NAME') or '127.0.0.1'

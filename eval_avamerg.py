@@ -40,7 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import avamerg, cli, config_check, figures, logs, metrics, modes, precision, runlock
+from libs import avamerg, cli, config_check, figures, logs, memory, metrics, modes, precision, runlock
 from libs.avamerg import COARSE_7, EMOTIONS_32, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
@@ -432,6 +432,7 @@ def prepare(config, output_path, nnet_path=None, split='test', features=None, li
     pipeline.check_speaker_network(what, config, nnet_path, fetched=False)  # before anything is fetched
     hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
     acc = Accelerator()
+    memory.check_evaluation(config, acc.device, batch_size, raw=features is None)  # CUDA: refuse what would not fit
     inception_path = config.get('eval', {}).get('inception_path') or None
     # Before loading anything: FID needs the standard Inception network, or an explicit --skip_fid.
     inception = None if skip_fid else metrics.load_inception(inception_path).to(acc.device)

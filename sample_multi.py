@@ -21,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from libs import cli, config_check, logs, modes, pipeline, precision
+from libs import cli, config_check, logs, memory, modes, pipeline, precision
 from libs.errors import UserError
 from libs.io import atomic_replace_dir, writing
 
@@ -100,6 +100,7 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
         os.makedirs(output_path, exist_ok=True)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     needs = modes.MODE_INPUTS[mode]
+    memory.check_sampling(config, device, (mode,), n_samples)  # CUDA: refuse before loading what would not fit
     comp = pipeline.load_components(config, device, nnet_path,
                                     speaker_for=f'mode {mode}' if mode in modes.EMPATH_MODES else None)
     generator = torch.Generator(device).manual_seed(config.seed)

@@ -440,6 +440,14 @@ def sampling_precision(config, device) -> str:
     return precision.resolve(config.sample.precision, device).name
 
 
+def usable_modes(config) -> tuple:
+    """The sampling modes config.nnet can run: the empath ones only with a speaker segment."""
+    from libs import modes
+    from libs.uvit import NETS
+    speaker = NETS.get(config.nnet.name, {}).get('condition', False)
+    return tuple(m for m in modes.MODES if speaker or m not in modes.EMPATH_MODES)
+
+
 def check_sampling(config, device, modes, n_samples: int):
     """sample_multi.py's and app.py's preflight for ``n_samples`` of the largest of ``modes``: the samples per U-ViT
     batch (config.sample.batch_samples) is the setting to lower."""
