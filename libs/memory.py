@@ -237,7 +237,8 @@ def _sampling(key, mode, n, dtype_name):
             z_shape=tuple(config.z_shape), clip_img_dim=config.clip_img_dim, text_shape=text_shape,
             data_type=config.data_type if nnet.use_data_type else None, t2i_cfg_mode=config.sample.t2i_cfg_mode,
             empty_text=torch.randn(1, *text_shape), autocast_dtype=DTYPES[dtype_name],
-            speaker_guidance=config.sample.speaker_guidance)
+            speaker_guidance=config.sample.speaker_guidance, scale_text=config.sample.scale_text,
+            scale_face=config.sample.scale_face)
         z, clip = torch.randn(1, *config.z_shape), torch.randn(1, 1, config.clip_img_dim)
         text = torch.randn(1, *text_shape)
         with LivePeak() as live:
@@ -326,13 +327,13 @@ def _peak(weights, phases) -> int:
     return sum(weights) + max(phases)
 
 
-def extraction(config, precision='fp32') -> int:
+def extraction(config) -> int:
     """extract_features.py: the VAE and both CLIP encoders, one data batch of 2 x data.batch_size faces on the device
-    (VAE and CLIP inputs), encoded in chunks of config.encoders (the CLIP encoders run in fp32, as sampling's)."""
+    (VAE and CLIP inputs), encoded in chunks of config.encoders, all in fp32 (whatever the config's precision)."""
     faces, chunks = 2 * config.data.batch_size, config.encoders
     (w_vae, a_vae), (w_txt, a_txt), (w_img, a_img) = (
-        vae(config, min(faces, chunks.vae_encode_chunk)), clip_text(config, min(faces, chunks.clip_chunk), precision),
-        clip_img(config, min(faces, chunks.clip_chunk), precision))
+        vae(config, min(faces, chunks.vae_encode_chunk)), clip_text(config, min(faces, chunks.clip_chunk)),
+        clip_img(config, min(faces, chunks.clip_chunk)))
     resolution = config.z_shape[-1] * 2 ** (len(config.autoencoder.block_out_channels) - 1)
     from transformers import CLIPVisionConfig
     size = _clip_config(config.clip_img, CLIP_IMG_FULL, CLIPVisionConfig).image_size
@@ -482,3 +483,63 @@ def check_training(config, device, num_processes: int = 1):
     return preflight(device, f'training ({"LoRA" if tc.lora.enabled else "full"}, {prec})',
                      lambda m: training_stage(config, m, prec), micro, setting,
                      'turn on --config.nnet.use_checkpoint=True or --config.train.lora.enabled=True')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The memory plan of every stage (scripts/memory_plan.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+CARDS_GIB = (24, 40, 80)
+
+
+def fits_on(planned: int) -> list:
+    """For each card of CARDS_GIB, whether ``planned`` bytes with ALLOCATOR_HEADROOM fit its memory."""
+    return [planned * ALLOCATOR_HEADROOM <= card * GiB for card in CARDS_GIB]
+
+
+def plan_rows(config, eval_batches=(4, 8, 16), train_batches=(1, 8), app_samples=4, progress=lambda row: None):
+    """Rows (stage, settings, {precision: bytes}) of every stage at config defaults and at batch sizes users pick."""
+    from libs import modes
+    precisions, rows = ('fp32', 'bf16'), []
+
+    def add(stage, settings, plan):
+        rows.append((stage, settings, {p: plan(p) for p in precisions}))
+        progress(rows[-1])
+
+    enc = config.encoders
+    add('extraction', f'data.batch_size={config.data.batch_size}, encoders.vae_encode_chunk={enc.vae_encode_chunk} '
+        f'(default)', lambda p: extraction(config))
+    whole = 2 * config.data.batch_size
+    add('extraction', f'unchunked (vae_encode_chunk={whole}, clip_chunk={whole})',
+        lambda p: extraction(_with(config, **{'encoders.vae_encode_chunk': whole, 'encoders.clip_chunk': whole})))
+    for method in ('full', 'lora'):
+        for ckpt in (True, False):
+            planned = training_config(config, method, ckpt)
+            for B in train_batches:
+                add('training', f'{"LoRA" if method == "lora" else "full"}, micro-batch {B}, checkpointing '
+                    f'{"on" if ckpt else "off"}', lambda p: training_stage(planned, B, p))
+    n = config.sample.batch_samples
+    for mode in modes.MODES:
+        for count in sorted({1, n}):
+            add(f'sampling {mode}', f'n_samples={count}' + (' (sample.batch_samples default)' if count == n else ''),
+                lambda p: sampling_stage(config, (mode,), count, p))
+    for B in eval_batches:
+        add('evaluation', f'--batch_size={B}' + (' (default)' if B == 16 else ''), lambda p: evaluation(config, B, p))
+    add('app', f'every mode, up to {app_samples} samples', lambda p: sampling_stage(config, usable_modes(config),
+                                                                                  app_samples, p))
+    return rows
+
+
+def plan_table(rows) -> str:
+    """The rows of ``plan_rows`` as a markdown table (GiB), with the cards each precision fits."""
+    head = ('| stage | settings | planned fp32 | planned bf16 | '
+            + ' | '.join(f'{c} GB' for c in CARDS_GIB) + ' |\n|' + '---|' * (4 + len(CARDS_GIB)) + '\n')
+    lines = []
+    for stage, settings, planned in rows:
+        cards = []
+        for i in range(len(CARDS_GIB)):
+            ok = [p for p in ('bf16', 'fp32') if fits_on(planned[p])[i]]
+            cards.append(' + '.join(ok) if ok else 'no')
+        lines.append(f'| {stage} | {settings} | {planned["fp32"] / GiB:.2f} | {planned["bf16"] / GiB:.2f} | '
+                     + ' | '.join(cards) + ' |')
+    return head + '\n'.join(lines) + '\n'

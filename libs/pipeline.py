@@ -209,16 +209,6 @@ def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None) -> dict:
     return inputs
 
 
-def encode_speaker(comp, ctx, B, image=None, prompt=None) -> dict:
-    """A raw speaker turn (face and/or utterance) -> the speaker inputs of an empath mode for B samples."""
-    z = clip_img = text = None
-    if image is not None:
-        z, clip_img = encode_images(comp, [image], generator=ctx.generator)
-    if prompt is not None:
-        text = encode_prompts(comp, [prompt])
-    return speaker_inputs(comp, ctx, B, z, clip_img, text)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Network spaces -> outputs
 # ----------------------------------------------------------------------------------------------------------------
