@@ -420,7 +420,7 @@ class Evaluation:
 
 
 def prepare(config, output_path, nnet_path=None, split='test', features=None, limit=None, skip_fid=False,
-            batch_size=16, allow_untrained_condition=False):
+            batch_size=8, allow_untrained_condition=False):
     """Lock output_path, load the networks and the split's speaker turns once for every setting (FID's network unless
     skip_fid); called inside a ``@runlock.scope`` function, which holds the lock until it returns."""
     from accelerate import Accelerator
@@ -535,7 +535,7 @@ def evaluate_setting(ev, config, out):
 
 @runlock.scope
 def evaluate(config, nnet_path=None, split='test', features=None, limit=None, skip_fid=False, output_path='out/eval',
-             batch_size=16, allow_untrained_condition=False):
+             batch_size=8, allow_untrained_condition=False):
     """Evaluate the sampling setting of config.sample into output_path; returns metrics.json's dict (None off-main)."""
     ev = prepare(config, output_path, nnet_path, split, features, limit, skip_fid, batch_size,
                  allow_untrained_condition)
@@ -620,7 +620,7 @@ def write_sweep(out, rows, summaries):
 
 @runlock.scope
 def evaluate_sweep(config, scales=None, steps=None, nnet_path=None, split='test', features=None, limit=None,
-                   skip_fid=False, output_path='out/eval', batch_size=16, allow_untrained_condition=False):
+                   skip_fid=False, output_path='out/eval', batch_size=8, allow_untrained_condition=False):
     """Evaluate every (scale, steps) setting into output_path/<setting>/, then write the sweep table and figure.
 
     Every setting is evaluated exactly as `evaluate` with that config.sample.scale and sample_steps (same pairs, same
@@ -649,7 +649,8 @@ def define_flags():
     flags.DEFINE_integer('limit', None, 'evaluate only the first N pairs', lower_bound=1)
     flags.DEFINE_bool('skip_fid', False, 'do not compute FID (needed when no Inception-v3 weights are available)')
     flags.DEFINE_string('output_path', 'out/eval', 'output folder (a rerun resumes in it)')
-    flags.DEFINE_integer('batch_size', 16, 'pairs per sampling batch and process', lower_bound=1)
+    flags.DEFINE_integer('batch_size', 8, 'pairs per sampling batch and process (8 fits a 24 GB GPU in bf16: '
+                         'docs/memory.md)', lower_bound=1)
     flags.DEFINE_list('scales', None, 'sweep these guidance scales (config.sample.scale), e.g. 1,3,5,7: one folder '
                       'per setting under --output_path, plus sweep.md / .json / .png / _nfe.png')
     flags.DEFINE_list('steps', None, 'sweep these step counts (config.sample.sample_steps), e.g. 10,20,50; with '

@@ -497,8 +497,10 @@ def fits_on(planned: int) -> list:
     return [planned * ALLOCATOR_HEADROOM <= card * GiB for card in CARDS_GIB]
 
 
-def plan_rows(config, eval_batches=(4, 8, 16), train_batches=(1, 8), app_samples=4, progress=lambda row: None):
-    """Rows (stage, settings, {precision: bytes}) of every stage at config defaults and at batch sizes users pick."""
+def plan_rows(config, eval_batches=(4, 8, 16), eval_default=8, train_batches=(1, 8), app_samples=4,
+              progress=lambda row: None):
+    """Rows (stage, settings, {precision: bytes}) of every stage at config defaults and at batch sizes users pick
+    (``eval_default``: eval_avamerg.py's --batch_size, ``app_samples``: app.py's most samples)."""
     from libs import modes
     precisions, rows = ('fp32', 'bf16'), []
 
@@ -524,7 +526,7 @@ def plan_rows(config, eval_batches=(4, 8, 16), train_batches=(1, 8), app_samples
             add(f'sampling {mode}', f'n_samples={count}' + (' (sample.batch_samples default)' if count == n else ''),
                 lambda p: sampling_stage(config, (mode,), count, p))
     for B in eval_batches:
-        add('evaluation', f'--batch_size={B}' + (' (default)' if B == 16 else ''), lambda p: evaluation(config, B, p))
+        add('evaluation', f'--batch_size={B}' + (' (default)' if B == eval_default else ''), lambda p: evaluation(config, B, p))
     add('app', f'every mode, up to {app_samples} samples', lambda p: sampling_stage(config, usable_modes(config),
                                                                                   app_samples, p))
     return rows

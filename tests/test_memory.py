@@ -217,3 +217,12 @@ def test_cpu_never_refuses_nor_plans(monkeypatch, tiny_models):
     config = tiny(tiny_models, condition=True)
     assert memory.check_sampling(config, torch.device('cpu'), ('empath',), 8) is None
     assert memory.check_evaluation(config, 'cpu', 16) is None
+
+
+def test_chunk_keys_are_in_every_config_and_checked(tiny_models):
+    from libs import config_check
+    config = tiny(tiny_models)
+    assert config_check.problems(config, 'model', 'sample') == []
+    config.encoders.vae_decode_chunk, config.sample.batch_samples = 0, -2
+    assert config_check.problems(config, 'model', 'sample') == [
+        'encoders.vae_decode_chunk=0 (must be an integer >= 1)', 'sample.batch_samples=-2 (must be an integer >= 1)']
