@@ -477,7 +477,8 @@ def check_training(config, device, num_processes: int = 1):
 
     def setting(m):
         accum = -(-tc.batch_size // (num_processes * m))
-        while tc.batch_size % accum:  # config_check: the batch divides into the accumulation steps
+        # The global batch must split evenly over processes and accumulation steps (libs.features.micro_batch_size).
+        while tc.batch_size % (accum * num_processes) and accum < tc.batch_size:
             accum += 1
         return f'--config.train.grad_accum={accum}'
     return preflight(device, f'training ({"LoRA" if tc.lora.enabled else "full"}, {prec})',
