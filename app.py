@@ -353,8 +353,9 @@ def serve(config, nnet_path, host=None, port=None):
     """Load the components once and serve the page until the process is stopped."""
     import torch
 
-    from libs import pipeline
+    from libs import memory, pipeline
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    memory.check_sampling(config, device, memory.usable_modes(config), MAX_SAMPLES)  # CUDA: what the page can ask
     comp = pipeline.load_components(config, device, nnet_path)
     page = build_app(comp, comp.nnet_path)
     host = host or os.environ.get('GRADIO_SERVER_NAME') or '127.0.0.1'

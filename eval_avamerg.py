@@ -40,7 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import avamerg, cli, config_check, figures, logs, metrics, modes, precision, runlock
+from libs import avamerg, cli, config_check, figures, logs, memory, metrics, modes, precision, runlock
 from libs.avamerg import COARSE_7, EMOTIONS_32, coarse_index, label_index
 from libs.errors import UserError
 from libs.features import FeatureDataset, derive_seed
@@ -420,7 +420,7 @@ class Evaluation:
 
 
 def prepare(config, output_path, nnet_path=None, split='test', features=None, limit=None, skip_fid=False,
-            batch_size=16, allow_untrained_condition=False):
+            batch_size=8, allow_untrained_condition=False):
     """Lock output_path, load the networks and the split's speaker turns once for every setting (FID's network unless
     skip_fid); called inside a ``@runlock.scope`` function, which holds the lock until it returns."""
     from accelerate import Accelerator
@@ -432,6 +432,7 @@ def prepare(config, output_path, nnet_path=None, split='test', features=None, li
     pipeline.check_speaker_network(what, config, nnet_path, fetched=False)  # before anything is fetched
     hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
     acc = Accelerator()
+    memory.check_evaluation(config, acc.device, batch_size, raw=features is None)  # CUDA: refuse what would not fit
     inception_path = config.get('eval', {}).get('inception_path') or None
     # Before loading anything: FID needs the standard Inception network, or an explicit --skip_fid.
     inception = None if skip_fid else metrics.load_inception(inception_path).to(acc.device)
@@ -534,7 +535,7 @@ def evaluate_setting(ev, config, out):
 
 @runlock.scope
 def evaluate(config, nnet_path=None, split='test', features=None, limit=None, skip_fid=False, output_path='out/eval',
-             batch_size=16, allow_untrained_condition=False):
+             batch_size=8, allow_untrained_condition=False):
     """Evaluate the sampling setting of config.sample into output_path; returns metrics.json's dict (None off-main)."""
     ev = prepare(config, output_path, nnet_path, split, features, limit, skip_fid, batch_size,
                  allow_untrained_condition)
@@ -619,7 +620,7 @@ def write_sweep(out, rows, summaries):
 
 @runlock.scope
 def evaluate_sweep(config, scales=None, steps=None, nnet_path=None, split='test', features=None, limit=None,
-                   skip_fid=False, output_path='out/eval', batch_size=16, allow_untrained_condition=False):
+                   skip_fid=False, output_path='out/eval', batch_size=8, allow_untrained_condition=False):
     """Evaluate every (scale, steps) setting into output_path/<setting>/, then write the sweep table and figure.
 
     Every setting is evaluated exactly as `evaluate` with that config.sample.scale and sample_steps (same pairs, same
@@ -648,7 +649,8 @@ def define_flags():
     flags.DEFINE_integer('limit', None, 'evaluate only the first N pairs', lower_bound=1)
     flags.DEFINE_bool('skip_fid', False, 'do not compute FID (needed when no Inception-v3 weights are available)')
     flags.DEFINE_string('output_path', 'out/eval', 'output folder (a rerun resumes in it)')
-    flags.DEFINE_integer('batch_size', 16, 'pairs per sampling batch and process', lower_bound=1)
+    flags.DEFINE_integer('batch_size', 8, 'pairs per sampling batch and process (8 fits a 24 GB GPU in bf16: '
+                         'docs/memory.md)', lower_bound=1)
     flags.DEFINE_list('scales', None, 'sweep these guidance scales (config.sample.scale), e.g. 1,3,5,7: one folder '
                       'per setting under --output_path, plus sweep.md / .json / .png / _nfe.png')
     flags.DEFINE_list('steps', None, 'sweep these step counts (config.sample.sample_steps), e.g. 10,20,50; with '

@@ -99,7 +99,7 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
     """Load the components, generate, and publish <output_path>/<mode>/ atomically. Returns the record."""
     import torch
 
-    from libs import config_check, modes, pipeline, precision
+    from libs import config_check, memory, modes, pipeline, precision
     from libs.io import atomic_replace_dir, writing
     config_check.check(config, 'model', 'sample')
     image = check_flags(mode, prompt, img, n_samples)
@@ -107,6 +107,7 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
         os.makedirs(output_path, exist_ok=True)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     needs = modes.MODE_INPUTS[mode]
+    memory.check_sampling(config, device, (mode,), n_samples)  # CUDA: refuse before loading what would not fit
     comp = pipeline.load_components(config, device, nnet_path,
                                     speaker_for=f'mode {mode}' if mode in modes.EMPATH_MODES else None)
     generator = torch.Generator(device).manual_seed(config.seed)

@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from libs import cli, config_check, distributed, hub, logs, lora, runlock, trainer
+from libs import cli, config_check, distributed, features, hub, logs, lora, memory, runlock, trainer
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
 from libs.features import FeatureDataset, RankSampler, ShuffledStream, StreamDataset, micro_batch_size
@@ -166,6 +166,7 @@ def train(config, dry_run: bool = False) -> dict:
                             '`extract_features.py --split=val` and point config.data.val at that folder')
         val_indices = ShuffledStream(val_set.shard_sizes, config.seed, len(val_set.shards)).permutation(0)
         val_indices = val_indices[:tc.val_pairs].tolist()
+    features.check_training_caches(config, train_set.manifest, val_set.manifest if val_set is not None else None)
     micro_batch = micro_batch_size(tc.batch_size, tc.grad_accum, world)
     drop = trainer.speaker_dropout(tc)
 
@@ -217,6 +218,7 @@ def train(config, dry_run: bool = False) -> dict:
     batches = iter(loader)
 
     # Training loop --------------------------------------------------------------------------------------------------
+    memory.check_training(config, device, world)  # CUDA: the planned step must fit the free memory (libs/memory.py)
     nnet.train()
     step, nonfinite_run, window = state['step'], 0, []
     progress = tqdm(total=tc.n_steps, initial=step, disable=not is_main, desc='train', dynamic_ncols=True)

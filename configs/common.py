@@ -74,9 +74,15 @@ def unidiffuser(version='v1'):
     # scale for the utterance and one for the face ('two_scale', InstructPix2Pix; libs.diffusion.cfg_two_scale).
     # precision: 'auto' = bf16 on GPUs and on CPUs with native bf16 matrix instructions, fp32 elsewhere
     # (libs/precision.py); or 'fp32', 'bf16', 'fp16'. Sampling, evaluation and the web demo all read it.
+    # Encoder work runs in chunks of at most this many items, whatever the data or sampling batch (results do not
+    # depend on them). Sized for a 24 GB card at 512² (fp32 VAE: about 0.63 GiB of activations per encoded image and
+    # 0.75 GiB per decoded one; docs/memory.md, BENCHMARKS.md "Memory plan").
+    config.encoders = d(vae_encode_chunk=8, vae_decode_chunk=8, clip_chunk=64, caption_chunk=16)
     config.sample = d(sample_steps=50, scale=7., t2i_cfg_mode='true_uncond', sampler='dpm_solver_fast',
                       skip_type='time_uniform', speaker_guidance='no_speaker', scale_text=7., scale_face=7.,
-                      precision='auto')
+                      precision='auto',
+                      # samples per U-ViT batch: n samples run in chunks of this many (x the guidance branches)
+                      batch_samples=8)
     return config
 
 

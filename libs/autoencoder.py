@@ -17,6 +17,7 @@ from PIL import Image
 from libs import hub
 from libs.errors import UserError
 from libs.io import describe_mismatch, read_state_dict
+from libs.memory import chunked
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +55,19 @@ def _diffusers_kwargs(vae_config):
 class FrozenAutoencoderKL(torch.nn.Module):
     """Frozen KL VAE: images in [-1, 1] <-> scaled latents, exactly as UniDiffuser's `FrozenAutoencoderKL`."""
 
-    def __init__(self, vae_config):
+    def __init__(self, vae_config, encode_chunk=None, decode_chunk=None):
         super().__init__()
         self.vae = AutoencoderKL(**_diffusers_kwargs(vae_config))
         self.scale_factor = float(vae_config['scale_factor'])
+        # Images per encoder / decoder call (config.encoders; None: the whole batch). The activations of one 512²
+        # image take about 0.63 GiB in the encoder and 0.75 GiB in the decoder (fp32), so a batch runs in chunks.
+        self.encode_chunk, self.decode_chunk = encode_chunk, decode_chunk
         self.eval()
         self.requires_grad_(False)
 
     def encode_moments(self, x):
         """(B, 3, H, W) in [-1, 1] -> posterior moments (B, 2 * latent_channels, H / f, W / f): mean, logvar."""
-        return self.vae.quant_conv(self.vae.encoder(x))
+        return chunked(lambda x: self.vae.quant_conv(self.vae.encoder(x)), self.encode_chunk, x)
 
     def sample(self, moments, generator=None):
         """Moments -> scaled latent `scale_factor * (mean + std * noise)`, log-variance clamped as in LDM."""
@@ -79,7 +83,8 @@ class FrozenAutoencoderKL(torch.nn.Module):
     def decode(self, z):
         """Scaled latent (B, latent_channels, h, w) -> image (B, 3, f * h, f * w), nominally in [-1, 1]."""
         # Multiply by the reciprocal, as the official code does, so results agree bit for bit.
-        return self.vae.decoder(self.vae.post_quant_conv((1.0 / self.scale_factor) * z))
+        return chunked(lambda z: self.vae.decoder(self.vae.post_quant_conv((1.0 / self.scale_factor) * z)),
+                       self.decode_chunk, z)
 
 
 # diffusers -> LDM key renames, applied in order (the inverse of diffusers' convert_ldm_vae_checkpoint).
@@ -114,11 +119,12 @@ def ldm_state_dict_from_diffusers(state_dict):
     return out
 
 
-def load_autoencoder(path, vae_config, device='cpu'):
-    """Build the VAE from `vae_config` and load the LDM-layout checkpoint at `path` (or hf:// reference) strictly."""
+def load_autoencoder(path, vae_config, device='cpu', encode_chunk=None, decode_chunk=None):
+    """Build the VAE from `vae_config` and load the LDM-layout checkpoint at `path` (or hf:// reference) strictly;
+    it encodes and decodes in chunks of at most `encode_chunk` / `decode_chunk` images (None: the whole batch)."""
     path = hub.local_path(path, what='autoencoder weights')
     sd = read_state_dict(path, 'autoencoder weights', WHERE_TO_GET)
-    model = FrozenAutoencoderKL(vae_config)
+    model = FrozenAutoencoderKL(vae_config, encode_chunk, decode_chunk)
     expected = {k: v.shape for k, v in ldm_state_dict_from_diffusers(model.vae.state_dict()).items()}
     problems = describe_mismatch(expected, {k: v.shape for k, v in sd.items()})
     if problems:

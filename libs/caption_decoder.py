@@ -188,10 +188,13 @@ class CaptionDecoder(nn.Module):
         return results
 
     @torch.no_grad()
-    def generate_captions(self, features, beam_size=5, max_length=67) -> List[str]:
-        """Best beam-search caption for each row of the U-ViT text output `features` (B, L, hidden_dim)."""
+    def generate_captions(self, features, beam_size=5, max_length=67, chunk=None) -> List[str]:
+        """Best beam-search caption for each row of the U-ViT text output `features` (B, L, hidden_dim), searched
+        for at most `chunk` rows at a time (config.encoders.caption_chunk; None: all), which bounds the beams' cache."""
         prefix = self.decode_prefix(features.to(self.decode_prefix.weight))  # back to GPT-2's embedding width
-        return [decode_beams(self.tokenizer, beams)[0] for beams in self.beam_search(prefix, beam_size, max_length)]
+        step = chunk or max(len(prefix), 1)
+        return [decode_beams(self.tokenizer, beams)[0] for s in range(0, len(prefix), step)
+                for beams in self.beam_search(prefix[s:s + step], beam_size, max_length)]
 
 
 def decode_beams(tokenizer, beams: Beams) -> List[str]:

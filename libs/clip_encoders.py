@@ -21,6 +21,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from libs import hub
 from libs.errors import UserError
+from libs.memory import chunked
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ def _load_tokenizer(name_or_path, local_files_only, vocab_size):
 class CLIPTextEncoder(torch.nn.Module):
     """Frozen CLIP text transformer: prompts -> last hidden state (B, max_length, D)."""
 
-    def __init__(self, name_or_path=TEXT_HUB_ID, local_files_only=False, max_length=None, device='cpu'):
+    def __init__(self, name_or_path=TEXT_HUB_ID, local_files_only=False, max_length=None, device='cpu', chunk=None):
         super().__init__()
+        self.chunk = chunk  # prompts per forward (config.encoders.clip_chunk; None: the whole batch)
         name_or_path = hub.local_path(name_or_path, 'clip_text', local_files_only, 'CLIP text encoder')
         self.model = _load_model(CLIPTextModel, name_or_path, local_files_only, TEXT_HUB_ID, 'clip_text')
         self.tokenizer = _load_tokenizer(name_or_path, local_files_only, self.model.config.vocab_size)
@@ -117,7 +119,8 @@ class CLIPTextEncoder(torch.nn.Module):
     def encode(self, texts):
         """Prompts -> last hidden state (B, max_length, D)."""
         # No attention mask, as in the official embedder: the causal mask alone shapes every position.
-        return self.model(input_ids=self.tokenize(texts).to(self.device)).last_hidden_state
+        return chunked(lambda ids: self.model(input_ids=ids).last_hidden_state, self.chunk,
+                       self.tokenize(texts).to(self.device))
 
 
 def _side(entry, default, square):
@@ -147,8 +150,9 @@ def _preprocessor_config(folder):
 class CLIPImageEncoder(torch.nn.Module):
     """Frozen CLIP vision tower + projection: PIL images -> image_embeds (B, 1, D), i.e. OpenAI encode_image."""
 
-    def __init__(self, name_or_path=IMAGE_HUB_ID, local_files_only=False, device='cpu'):
+    def __init__(self, name_or_path=IMAGE_HUB_ID, local_files_only=False, device='cpu', chunk=None):
         super().__init__()
+        self.chunk = chunk  # images per forward (config.encoders.clip_chunk; None: the whole batch)
         name_or_path = hub.local_path(name_or_path, 'clip_img', local_files_only, 'CLIP image encoder')
         self.model = _load_model(CLIPVisionModelWithProjection, name_or_path, local_files_only, IMAGE_HUB_ID,
                                  'clip_img')
@@ -190,7 +194,13 @@ class CLIPImageEncoder(torch.nn.Module):
     @torch.no_grad()
     def encode(self, images):
         """PIL image(s) -> projected image embeddings (B, 1, projection_dim)."""
-        return self.model(pixel_values=self.preprocess(images).to(self.device)).image_embeds[:, None, :]
+        return self.embed(self.preprocess(images))
+
+    @torch.no_grad()
+    def embed(self, pixel_values):
+        """Preprocessed images (B, 3, S, S) -> projected image embeddings (B, 1, projection_dim), in chunks."""
+        return chunked(lambda x: self.model(pixel_values=x).image_embeds[:, None, :], self.chunk,
+                       pixel_values.to(self.device))
 
 
 def _learn_merges(texts, num_merges):

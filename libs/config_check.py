@@ -109,12 +109,15 @@ RULES = {
         'nnet.name': registry('nets'), 'nnet.embed_dim': integer(1), 'nnet.depth': integer(1),
         'nnet.num_heads': integer(1), 'nnet.patch_size': integer(1), 'nnet.img_size': integer(1),
         'nnet.compile': boolean(),
+        'encoders.vae_encode_chunk': integer(1), 'encoders.vae_decode_chunk': integer(1),
+        'encoders.clip_chunk': integer(1), 'encoders.caption_chunk': integer(1),
     },
     'sample': {
         'sample.sample_steps': integer(1), 'sample.scale': number(), 'sample.sampler': registry('samplers'),
         'sample.skip_type': registry('skip_types'), 'sample.t2i_cfg_mode': choice('true_uncond', 'empty_token'),
         'sample.speaker_guidance': registry('speaker_guidance'), 'sample.scale_text': number(),
         'sample.scale_face': number(), 'sample.precision': registry('precisions'),
+        'sample.batch_samples': integer(1),
     },
     'train': {
         'workdir': text(empty=False), 'name': text(empty=False), 'log_with': registry('trackers'),

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -86,7 +86,7 @@ def write_shard(root: str, index: int, records: Sequence[dict]) -> dict:
     if bad:
         raise UserError(f'{len(bad)} pair(s) of shard {name} in {root} have non-finite (NaN/Inf) features, so the '
                         f'shard is not written: {", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}. Check those '
-                        'faces and texts and the encoders\' weights (under fp16 autocast: --config.mixed_precision=no)')
+                        'faces and texts and the encoders\' weights')
     # Metadata first: the safetensors file, written last, is what marks the shard as finished.
     atomic_write_json(os.path.join(root, name + '.json'), meta)
     atomic_save_safetensors(tensors, os.path.join(root, name + '.safetensors'))
@@ -146,6 +146,44 @@ def read_manifest(root: str) -> dict:
     return manifest
 
 
+# The precision the encoders of a cache ran in: fp32, as sampling and evaluation encode the speaker (DESIGN §5).
+ENCODER_PRECISION = 'float32'
+
+
+def check_precision(manifest: dict, root: str) -> None:
+    """Refuse features whose encoders did not run in fp32 (e.g. CLIP under bf16 autocast, as extraction once did on
+    GPUs): training would learn from features that differ from the ones sampling computes."""
+    used = {'VAE': manifest.get('vae_precision', ENCODER_PRECISION),
+            'CLIP': manifest.get('clip_precision', manifest.get('clip_autocast', ENCODER_PRECISION))}
+    other = {name: p for name, p in used.items() if p != ENCODER_PRECISION}
+    if other:
+        raise UserError(f'feature cache {root} was encoded with {", ".join(f"{n} in {p}" for n, p in other.items())}; '
+                        f'sampling and evaluation encode in {ENCODER_PRECISION}, so {REEXTRACT} with --overwrite')
+
+
+def check_training_caches(config, train_manifest: dict, val_manifest: Optional[dict] = None) -> None:
+    """The caches training reads must be the splits their keys name, cut with this config's val_fraction.
+
+    config.data.train must hold the train split (never val or test), config.data.val the val split; both record the
+    val_fraction that separated them, which must still be config.data.val_fraction, or validation conversations
+    would be trained on (or missing from both).
+    """
+    for key, manifest in (('train', train_manifest), ('val', val_manifest)):
+        if manifest is None:
+            continue
+        root, split = config.data[key], manifest.get('split')
+        if split not in (None, key):
+            raise UserError(f'config.data.{key}={root} holds features of the {split} split; training reads the {key} '
+                            f'split: extract it with `extract_features.py --split={key}` and point config.data.{key} '
+                            'at that folder')
+        made_with = manifest.get('val_fraction')
+        if made_with is not None and made_with != config.data.val_fraction:
+            raise UserError(f'config.data.val_fraction={config.data.val_fraction} but {root} was extracted with '
+                            f'val_fraction={made_with}, so train and val would not be the same conversations: pass '
+                            f'--config.data.val_fraction={made_with}, or extract train and val again with the new '
+                            'value (extract_features.py --overwrite)')
+
+
 class FeatureDataset(torch.utils.data.Dataset):
     """Map-style dataset over a feature cache; item i -> dict of its tensors and metadata.
 
@@ -157,6 +195,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __init__(self, root: str, max_open: int = 4):
         self.root, self.max_open = root, max_open
         self.manifest = read_manifest(root)
+        check_precision(self.manifest, root)
         self.shards = self.manifest['shards']
         absent = [s['name'] for s in self.shards
                   if not os.path.isfile(os.path.join(root, s['name'] + '.safetensors'))]

@@ -112,19 +112,20 @@ def load_components(config, device, nnet_path=None, need_images=True, need_text=
                       nnet_config=nnet_config, nnet_where=where)
     if config.nnet.compile:
         compile_nnet(comp.nnet)
-    cd = config.caption_decoder
+    cd, chunks = config.caption_decoder, config.encoders
     comp.caption_decoder = load_caption_decoder(cd.pretrained_path, cd.tokenizer, cd.local_files_only, config=cd,
                                                 device=device)
     if need_text:
         comp.clip_text = CLIPTextEncoder(config.clip_text.name_or_path, config.clip_text.local_files_only,
-                                         device=device)
+                                         device=device, chunk=chunks.clip_chunk)
         if comp.clip_text.max_length != config.num_text_tokens:
             raise UserError(f'the text encoder {config.clip_text.name_or_path} has {comp.clip_text.max_length} '
                             f'positions but config.num_text_tokens={config.num_text_tokens}')
     if need_images:
-        comp.autoencoder = load_autoencoder(config.autoencoder.pretrained_path, config.autoencoder, device=device)
+        comp.autoencoder = load_autoencoder(config.autoencoder.pretrained_path, config.autoencoder, device=device,
+                                            encode_chunk=chunks.vae_encode_chunk, decode_chunk=chunks.vae_decode_chunk)
         comp.clip_img = CLIPImageEncoder(config.clip_img.name_or_path, config.clip_img.local_files_only,
-                                         device=device)
+                                         device=device, chunk=chunks.clip_chunk)
     return comp
 
 
@@ -208,16 +209,6 @@ def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None) -> dict:
     return inputs
 
 
-def encode_speaker(comp, ctx, B, image=None, prompt=None) -> dict:
-    """A raw speaker turn (face and/or utterance) -> the speaker inputs of an empath mode for B samples."""
-    z = clip_img = text = None
-    if image is not None:
-        z, clip_img = encode_images(comp, [image], generator=ctx.generator)
-    if prompt is not None:
-        text = encode_prompts(comp, [prompt])
-    return speaker_inputs(comp, ctx, B, z, clip_img, text)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Network spaces -> outputs
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +223,8 @@ def decode_images(comp: Components, z: torch.Tensor) -> List[Image.Image]:
 @torch.no_grad()
 def decode_texts(comp: Components, text: torch.Tensor, beam_size: int = 5) -> List[str]:
     """Reduced text features -> strings through the caption decoder's batched beam search."""
-    return comp.caption_decoder.generate_captions(text.float(), beam_size=beam_size)
+    return comp.caption_decoder.generate_captions(text.float(), beam_size=beam_size,
+                                                  chunk=comp.config.encoders.caption_chunk)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -275,23 +267,24 @@ def check_condition_trained(nnet: UViT, what: str, allow_untrained: bool = False
 
 def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, prompt=None, image=None,
              allow_untrained_condition: bool = False):
-    """Run one sampling mode end to end: raw inputs -> decoded images, texts and emotions."""
+    """Run one sampling mode end to end: raw inputs -> decoded images, texts and emotions.
+
+    The inputs are encoded once; the samples run in chunks of at most ``config.sample.batch_samples`` (each U-ViT
+    call then holds that many rows per guidance branch), drawing their noise one chunk after the other.
+    """
     fn = modes.get_mode(mode)
-    inputs = dict(n=n_samples)
-    conditional = comp.nnet.condition
     if mode in modes.EMPATH_MODES:
         check_speaker_segment(f'mode {mode}', comp.nnet_config, comp.nnet_where, comp.config)
         check_condition_trained(comp.nnet, f'mode {mode}', allow_untrained_condition)
-        inputs.update(encode_speaker(comp, ctx, n_samples, image, prompt))
-    else:
-        if conditional:  # a fine-tuned network without a speaker turn is a plain UniDiffuser
-            inputs['speaker'] = speaker_condition(comp, ctx, n_samples)
-        if prompt is not None:
-            inputs['text'] = encode_prompts(comp, [prompt]).expand(n_samples, -1, -1)
-        if image is not None:
-            z, clip_img = encode_images(comp, [image], generator=ctx.generator)
-            inputs.update(z=z.expand(n_samples, -1, -1, -1), clip_img=clip_img.expand(n_samples, -1, -1))
-    out = fn(ctx, inputs)
+    z = clip_img = text = None
+    if image is not None:
+        z, clip_img = encode_images(comp, [image], generator=ctx.generator)
+    if prompt is not None:
+        text = encode_prompts(comp, [prompt])
+    chunk = comp.config.sample.batch_samples
+    outs = [fn(ctx, mode_inputs(comp, ctx, mode, min(chunk, n_samples - s), z, clip_img, text))
+            for s in range(0, n_samples, chunk)]
+    out = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
     result = {}
     if 'z' in out and mode not in ('i2t', 't2i2t'):
         result['images'] = decode_images(comp, out['z'])
@@ -301,3 +294,17 @@ def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, pr
         from libs.avamerg import EMOTIONS_32
         result['emotions'] = top_emotions(out['emotion'], list(EMOTIONS_32))
     return result
+
+
+def mode_inputs(comp: Components, ctx: modes.Context, mode: str, B: int, z=None, clip_img=None, text=None) -> dict:
+    """The inputs of ``mode`` for B samples from an encoded face (z, clip_img) and/or utterance (text), each of one."""
+    if mode in modes.EMPATH_MODES:
+        return dict(n=B, **speaker_inputs(comp, ctx, B, z, clip_img, text))
+    inputs = dict(n=B)
+    if comp.nnet.condition:  # a fine-tuned network without a speaker turn is a plain UniDiffuser
+        inputs['speaker'] = speaker_condition(comp, ctx, B)
+    if text is not None:
+        inputs['text'] = text.expand(B, -1, -1)
+    if z is not None:
+        inputs.update(z=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1))
+    return inputs

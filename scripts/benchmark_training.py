@@ -15,14 +15,14 @@ map stands in for the caption decoder's encode_prefix. Weights are random (timin
 - **Accounted**: weights, EMA and AdamW states counted from the objects, plus the most bytes the tensors created
   during one training step occupy at the same time (``LivePeak``: activations, autograd's temporaries, gradients,
   the optimizer step's temporaries).
-- **Estimate** (no GPU, no memory): the same for the network on fake tensors (torch's FakeTensorMode on the CPU
-  device: real shapes, dtypes and kernel choices, no data), forward and backward of training_losses traced in fp32
-  and under bf16 autocast. The attention takes the flash kernel a real CPU takes, which like the GPU flash kernels
-  keeps q, k, v, the output and the log-sum-exp only. The optimizer step is not traced (it reads values): it holds
-  the gradients and, in torch's foreach AdamW (the GPU default), up to one more fp32 copy of the trained parameters.
+- **Estimate** (no GPU, no memory): ``libs.memory.training``, the same for the network on fake tensors (torch's
+  FakeTensorMode on the CPU device: real shapes, dtypes and kernel choices, no data), forward and backward of
+  training_losses traced in fp32 and under bf16 autocast. The attention takes the flash kernel a real CPU takes,
+  which like the GPU flash kernels keeps q, k, v, the output and the log-sum-exp only. The optimizer step is not
+  traced (it reads values): it holds the gradients and, in torch's foreach AdamW (the GPU default), up to one more
+  fp32 copy of the trained parameters.
   Allocator fragmentation and the CUDA context are not in it; a GPU measurement replaces it.
 """
-import functools
 import json
 import os
 import platform
@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'configs')]
@@ -64,6 +63,7 @@ MID = dict(embed_dim=512, depth=8, num_heads=8)  # the 'mid' U-ViT: full-size la
 
 def training_config(size: str, method: str, checkpointing: bool, lora_rank, eight_bit: bool):
     """The EmpathDiffuser training config of a size, with random initialisation and the method applied."""
+    from libs import memory
     if size == 'mid':
         from avamerg_empath_256 import get_config
         config = get_config()
@@ -71,72 +71,14 @@ def training_config(size: str, method: str, checkpointing: bool, lora_rank, eigh
     else:
         from avamerg_empath import get_config
         config = get_config()
-    config.nnet.use_checkpoint = checkpointing
-    config.train.init_from = ''
-    config.train.lora.enabled = method == 'lora'
-    if lora_rank:
-        config.train.lora.rank = config.train.lora.alpha = lora_rank
+    config = memory.training_config(config, method, checkpointing, lora_rank)
     config.optimizer.eight_bit = eight_bit
     return config
-
-
-def random_batch(config, B: int, device) -> dict:
-    """Random cached features of one batch (the tensors training_losses reads)."""
-    import torch
-    C, h, w = config.z_shape
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g)
-    batch = dict(speaker_moments=rand(B, 2 * C, h, w), response_moments=rand(B, 2 * C, h, w),
-                 speaker_clip_img=rand(B, 1, config.clip_img_dim), response_clip_img=rand(B, 1, config.clip_img_dim),
-                 speaker_text=rand(B, config.num_text_tokens, config.clip_text_dim).half(),
-                 response_text=rand(B, config.num_text_tokens, config.clip_text_dim).half(),
-                 label=torch.randint(0, config.nnet.num_emotions, (B,), generator=g))
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def tensor_bytes(tensors) -> int:
     """Bytes of distinct tensors."""
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-
-
-def live_peak():
-    """A LivePeak context (torch loads when a measurement starts, not for --help)."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LivePeak(TorchDispatchMode):
-        """The most bytes that tensors created while active occupy at the same time (each storage once, counted until
-        it is freed): activations, autograd's temporaries, gradients, optimizer states and the step's temporaries.
-
-        Works on fake tensors too (a storage's lifetime is followed by a weak reference, as torch's own MemTracker does;
-        MemTracker itself cannot track frozen parameters, which LoRA has).
-        """
-
-        def __init__(self):
-            super().__init__()
-            self.live, self.peak, self.storages = 0, 0, {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            # Outputs on an input's storage (in-place ops, views) allocate nothing. _cdata: a storage's identity.
-            inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor)}
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    storage = t.untyped_storage()
-                    key = storage._cdata
-                    if key not in self.storages and key not in inputs:
-                        n = storage.nbytes()
-                        self.storages[key] = weakref.ref(storage, functools.partial(self._freed, key, n))
-                        self.live += n
-                        self.peak = max(self.peak, self.live)
-            return out
-
-        def _freed(self, key, n, _):
-            self.live -= n
-            self.storages.pop(key, None)
-
-    return LivePeak()
 
 
 def rss_bytes() -> int:
@@ -155,9 +97,9 @@ def sync(device):
 def measure(method: str, B: int) -> dict:
     """Peak memory, step time and the accounting of ``--steps`` training steps of one method."""
     import torch
-
     from libs import trainer
     from libs.diffusion import Schedule, stable_diffusion_betas
+    from libs.memory import LivePeak, random_batch
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dtype = torch.bfloat16 if device.type == 'cuda' else None
     import peft  # noqa: F401 (imported before the baseline: importing it costs a few hundred MB of resident memory)
@@ -186,7 +128,7 @@ def measure(method: str, B: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step(0)  # warm-up; it creates AdamW's states
-    with live_peak() as live:  # slows the step down: not timed
+    with LivePeak() as live:  # slows the step down: not timed
         step(1)
     times = []
     for s in range(2, FLAGS.steps + 2):
@@ -221,32 +163,10 @@ def checkpointing() -> bool:
 
 
 def estimate(size: str, method: str, B: int, use_checkpoint: bool, lora_rank, autocast: bool) -> dict:
-    """The accounting of one training step on fake tensors, which hold no memory (see the module docstring)."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from libs import trainer
-    from libs.diffusion import Schedule, stable_diffusion_betas
+    """The accounting of one training step on fake tensors, which hold no memory (libs.memory.training)."""
+    from libs import memory
     config = training_config(size, method, use_checkpoint, lora_rank, False)
-    with torch.device('meta'):  # initialisers read values, which fake tensors do not have
-        nnet = trainer.build_model(config).train()
-    schedule, batch = Schedule(stable_diffusion_betas()), random_batch(config, B, torch.device('cpu'))
-    rand = trainer.draw_randomness(range(B), 0, 'train', config, schedule.N, trainer.speaker_dropout(config.train))
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        nnet = nnet.to_empty(device='cpu')
-        reducer = torch.nn.Linear(config.clip_text_dim, config.text_dim).requires_grad_(False)
-        with live_peak() as live:
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-                losses, _ = trainer.training_losses(nnet, batch, rand, reducer, schedule, config)
-            losses['loss'].mean().backward()
-    params = sum(p.numel() for p in nnet.parameters())
-    trained = sum(p.numel() for p in nnet.parameters() if p.requires_grad)
-    # fp32 master weights (also under autocast), two fp32 AdamW moments and an fp32 EMA of the trained parameters.
-    # The optimizer step holds the gradients and, in torch's foreach AdamW (the GPU default), up to one more fp32
-    # copy of the trained parameters; forward and backward hold what LivePeak saw (gradients included).
-    weights, optimizer, ema = 4 * params, 8 * trained, 4 * trained
-    return dict(method=method, batch=B, params=params, trained=trained, weights=weights, ema=ema,
-                optimizer=optimizer, step=live.peak,
-                accounted=weights + ema + optimizer + max(live.peak, 8 * trained))
+    return dict(memory.training(config, B, 'bf16' if autocast else 'fp32'), method=method)
 
 
 def machine(device) -> str:
@@ -292,10 +212,9 @@ def run_child(method: str, B: int, steps=None, **env) -> dict:
 
 
 def main(argv):
+    import torch
     del argv
     import logging
-
-    import torch
     logging.getLogger('libs').setLevel(logging.WARNING)  # build_model's initialisation notes are not results
     batches = [int(b) for b in (FLAGS.batch or ('1,8' if FLAGS.size == 'full' else '1,4')).split(',')]
     if FLAGS.child:

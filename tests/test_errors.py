@@ -345,16 +345,17 @@ def test_all_unknown_labels_are_refused(tiny_root, tmp_path, capsys):
 def test_extraction_refuses_a_shard_with_nan_features(tiny_models, data, tmp_path, capsys, monkeypatch):
     config = extraction_config(tiny_models)
     config.data.update(root=data, train=str(tmp_path / 'features'), num_workers=0)
-    real = extract_features.encode_batch
+    from libs import extraction
+    real = extraction.encode_batch
 
-    def nan_in_second_shard(encoders, pixels, clip_pixels, texts, autocast_dtype):
-        moments, clip, text = real(encoders, pixels, clip_pixels, texts, autocast_dtype)
+    def nan_in_second_shard(encoders, pixels, clip_pixels, texts):
+        moments, clip, text = real(encoders, pixels, clip_pixels, texts)
         if nan_in_second_shard.calls == 2:   # batches of 3 pairs, shards of 4: the third batch starts shard 1
             clip[0, 1] = float('inf')
         nan_in_second_shard.calls += 1
         return moments, clip, text
     nan_in_second_shard.calls = 0
-    monkeypatch.setattr(extract_features, 'encode_batch', nan_in_second_shard)
+    monkeypatch.setattr(extraction, 'encode_batch', nan_in_second_shard)
     code, err = run_call(extract_features.extract, capsys, config)
     assert_user_error(code, err, 'non-finite (NaN/Inf) features', 'shard-00001', 'train/')
     assert finished_shards(config.data.train) == [0]

@@ -197,6 +197,42 @@ def test_killed_run_resumes_to_identical_shards(tiny, baseline, tmp_path, caplog
     assert manifest_without_config(out) == manifest_without_config(baseline)
 
 
+# Runs extraction and sends itself SIGTERM, a real signal, while the second shard's first batch is encoded.
+SIGTERM_DURING_SECOND_SHARD = '''
+import os, signal
+import libs.extraction
+from absl import app
+real_encode, calls = libs.extraction.encode_batch, []
+def encode_then_signal(*args):
+    calls.append(1)
+    if len(calls) == 3:  # batches of 3 pairs, shards of 4: the third batch is the second shard's first
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_encode(*args)
+libs.extraction.encode_batch = encode_then_signal
+import extract_features
+extract_features.define_flags()
+from libs import cli, logs
+cli.run(extract_features.main, flags_parser=logs.parse_flags)
+'''
+
+
+def test_sigterm_stops_between_batches_and_the_rerun_completes_identically(tiny, baseline, tmp_path):
+    models, data = tiny
+    out = str(tmp_path / 'train')
+    stopped = cli(models, data, out, launcher=(sys.executable, '-c', SIGTERM_DURING_SECOND_SHARD))
+    shards = num_shards(models, data)[1]
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert line.startswith("stopped: SIGTERM after 7 pairs") and f'1 of {shards} shards finished and kept' in line
+    assert 'rerun the same command to continue' in line and 'Traceback' not in stopped.stderr
+    assert sorted(n for n in os.listdir(out) if n.startswith('shard-')) == ['shard-00000.json',
+                                                                          'shard-00000.safetensors']
+    resumed = cli(models, data, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert files(out) == files(baseline)
+    assert manifest_without_config(out) == manifest_without_config(baseline)
+
+
 def test_changed_settings_are_refused_unless_overwrite(tiny, baseline, tmp_path):
     models, data = tiny
     out = str(tmp_path / 'train')
@@ -282,7 +318,7 @@ def test_val_split_is_held_out_of_train_json_and_precision_is_recorded(tiny, tmp
         config = tiny_config(models, root=data, val_fraction=0.8, **{split: str(tmp_path / split)})
         manifest = read_manifest(extract(config, split))
         assert manifest['split'] == split and manifest["val_fraction"] == 0.8
-        assert manifest['vae_precision'] == 'float32' and manifest['clip_autocast'] == 'float32'  # CPU: no autocast
+        assert manifest['vae_precision'] == manifest['clip_precision'] == 'float32'  # as sampling encodes
         assert manifest['caption_decoder'] == config.caption_decoder.pretrained_path
         cache = FeatureDataset(str(tmp_path / split))
         ids[split] = {cache[i]['conversation_id'] for i in range(len(cache))}

@@ -8,7 +8,7 @@ import torch
 
 from libs.errors import UserError
 from libs.features import (MANIFEST, META_KEYS, TENSOR_DTYPES, FeatureDataset, RankSampler, ShuffledStream,
-                           StreamDataset, finished_shards, make_manifest, rank_positions, read_manifest, tensor_spec,
+                           StreamDataset, check_training_caches, finished_shards, make_manifest, rank_positions, read_manifest, tensor_spec,
                            write_manifest, write_shard)
 
 SHAPES = dict(moments=(8, 4, 4), clip=(1, 6), text=(5, 7))
@@ -147,3 +147,43 @@ def test_stream_dataset_reads_the_pair_at_each_position(tmp_path):
     loader = torch.utils.data.DataLoader(view, batch_size=2, sampler=RankSampler(4, 4, 1, 0, 1))
     batch = next(iter(loader))
     assert batch['position'].tolist() == [4, 5] and batch['speaker_moments'].shape == (2, *SHAPES['moments'])
+
+
+def cache_with(root, **info):
+    """A one-shard cache whose manifest carries ``info`` (split, val_fraction, precisions, ...)."""
+    g = torch.Generator().manual_seed(0)
+    records = [random_record(i, g) for i in range(2)]
+    write_manifest(root, make_manifest([write_shard(root, 0, records)], tensor_spec(records[0]), **info))
+    return read_manifest(root)
+
+
+def test_features_from_bf16_encoders_are_refused_where_read(tmp_path):
+    cache_with(str(tmp_path / 'ok'), vae_precision='float32', clip_precision='float32')
+    assert len(FeatureDataset(str(tmp_path / 'ok'))) == 2
+    for key in ('clip_precision', 'clip_autocast'):  # clip_autocast: caches written before fp32 was the rule
+        root = str(tmp_path / key)
+        cache_with(root, vae_precision='float32', **{key: 'bfloat16'})
+        with pytest.raises(UserError, match=r'encoded with CLIP in bfloat16; sampling and evaluation encode in '
+                                            r'float32, so rerun extract_features\.py'):
+            FeatureDataset(root)
+
+
+def test_training_caches_must_be_their_splits_with_the_same_val_fraction(tmp_path):
+    from common import d
+    config = d(data=d(train=str(tmp_path / 'train'), val=str(tmp_path / 'val'), val_fraction=0.02))
+    train = cache_with(config.data.train, split='train', val_fraction=0.02)
+    val = cache_with(config.data.val, split='val', val_fraction=0.02)
+    check_training_caches(config, train, val)
+    check_training_caches(config, train)
+    test = cache_with(str(tmp_path / 'test'), split='test')
+    with pytest.raises(UserError, match=r'config\.data\.train=.*test.* holds features of the test split; .*'
+                                        r'extract_features\.py --split=train'):
+        check_training_caches(config, test, val)
+    with pytest.raises(UserError, match=r'config\.data\.train=.* holds features of the val split'):
+        check_training_caches(config, val, val)
+    with pytest.raises(UserError, match=r'config\.data\.val=.* holds features of the train split'):
+        check_training_caches(config, train, train)
+    config.data.val_fraction = 0.05
+    with pytest.raises(UserError, match=r'config\.data\.val_fraction=0\.05 but .*train was extracted with '
+                                        r'val_fraction=0\.02.*--config\.data\.val_fraction=0\.02'):
+        check_training_caches(config, train, val)
