@@ -22,7 +22,8 @@ from tqdm import tqdm
 from libs import config_check, distributed, hub, lora, preemption, runlock, trainer
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
-from libs.features import FeatureDataset, RankSampler, ShuffledStream, StreamDataset, check_finite, micro_batch_size
+from libs.features import (FeatureDataset, RankSampler, ShuffledStream, StreamDataset, check_finite, derive_seed,
+                           micro_batch_size)
 from libs.io import atomic_write_bytes, writing
 from libs.uvit import NETS
 
@@ -163,7 +164,10 @@ def make_loader(train_set, config, state: dict, micro_batch: int, accelerator):
         sampler=RankSampler(state['data_position'], tc.batch_size, tc.grad_accum, accelerator.process_index,
                             accelerator.num_processes),
         pin_memory=accelerator.device.type == 'cuda', persistent_workers=config.data.num_workers > 0,
-        worker_init_fn=ignore_stop_signals)
+        worker_init_fn=ignore_stop_signals,
+        # The loader draws its workers' base seed when iterated: from its own generator, not the global RNG that
+        # network dropout uses and checkpoints restore (a resumed run would otherwise draw it twice).
+        generator=torch.Generator().manual_seed(derive_seed('loader', config.seed)))
     return iter(loader)
 
 
