@@ -41,12 +41,21 @@ def not_weights(path: str) -> str:
            'checkpoint'
 
 
+REFUSED_PICKLE = 'Weights only load failed'  # how torch.load(weights_only=True) starts a refusal (2.4 to 2.13)
+
+
 def load_error(err: Exception) -> str:
-    """A loader's error in one short line (torch's refusal to unpickle objects is a paragraph)."""
-    found = re.search(r'WeightsUnpickler error: (.*?)(?:\s+Check the documentation|$)', str(err), re.S)
-    if found:
-        return f'it holds Python objects besides tensors ({found[1].strip()}), which are never unpickled'
-    lines = str(err).strip().splitlines()
+    """A loader's error in one short line; torch's refusal to unpickle an object (a paragraph whose wording changes
+    between versions) becomes the name of the blocked object."""
+    text = str(err)
+    if REFUSED_PICKLE in text:
+        blocked = re.search(r'GLOBAL ([\w.]+)', text)  # 'Unsupported global: GLOBAL x.y', 'unsupported GLOBAL x.y'
+        if blocked:
+            return f'it holds a pickled Python object ({blocked[1]}), which is never unpickled: only tensors are read'
+        detail = re.search(r'WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)', text, re.S)
+        return (f'it holds pickled data besides tensors ({detail[1].strip() if detail else "refused by torch.load"}),'
+                ' which is never unpickled')
+    lines = text.strip().splitlines()
     return f'{type(err).__name__}: {lines[0]}' if lines else type(err).__name__
 
 

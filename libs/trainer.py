@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -365,9 +364,38 @@ def save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler,
     return final
 
 
-def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
-    """Restore model, EMA, optimizer, scheduler and RNG states from a checkpoint folder; returns its state dict."""
-    state = torch.load(os.path.join(path, 'training_state.pt'), map_location='cpu', weights_only=True)
+STATE_KEYS = ('step', 'data_position', 'optimizer', 'scheduler', 'num_processes')  # what save_checkpoint writes
+RNG_KEYS = ('torch', 'cuda', 'numpy', 'python')
+
+
+def read_training_state(path: str, process_index: int) -> Tuple[dict, Optional[dict]]:
+    """(training_state.pt, this process's rng-<i>.pt or None) of a checkpoint folder, unpickling tensors and plain
+    containers only; raises ValueError saying how a file differs from what ``save_checkpoint`` writes."""
+    from libs.io import load_error
+    files = {}
+    for name in ('training_state.pt', f'rng-{process_index}.pt'):
+        if os.path.isfile(os.path.join(path, name)):
+            try:
+                files[name] = torch.load(os.path.join(path, name), map_location='cpu', weights_only=True)
+            except Exception as err:  # a cut zip, a foreign pickle: whatever it is, it is not this checkpoint's
+                raise ValueError(f'{name}: {load_error(err)}') from err
+    state, rng = files.get('training_state.pt'), files.get(f'rng-{process_index}.pt')
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing or not isinstance(state['optimizer'], dict) or not isinstance(state['scheduler'], dict):
+        raise ValueError(f'training_state.pt is not a training state (a {type(state).__name__}; missing '
+                         f'{missing or "nothing"}, optimizer and scheduler must be dicts)')
+    if rng is not None and not (isinstance(rng, dict) and set(RNG_KEYS) <= set(rng) and
+                                isinstance(rng['torch'], torch.Tensor) and isinstance(rng['numpy'], dict)):
+        raise ValueError(f'rng-{process_index}.pt is not the RNG state training writes (a {type(rng).__name__})')
+    return state, rng
+
+
+def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler, saved: tuple = None) -> dict:
+    """Restore model, EMA, optimizer, scheduler and RNG states from a checkpoint folder; returns its state dict.
+
+    ``saved`` is ``read_training_state``'s result when the caller has read it already.
+    """
+    state, rng = saved or read_training_state(path, accelerator.process_index)
     options = StateDictOptions(full_state_dict=True)
     model_sd = load_file(os.path.join(path, 'nnet.safetensors'))
     ema_sd = load_file(os.path.join(path, 'nnet_ema.safetensors'))  # copied onto the EMA's device by loading
@@ -383,9 +411,8 @@ def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
     optimizer = getattr(optimizer, 'optimizer', optimizer)  # accelerate's wrapper -> the torch optimizer
     set_optimizer_state_dict(nnet, optimizer, state.pop('optimizer'), options=options)
     scheduler.load_state_dict(state.pop('scheduler'))
-    rng = os.path.join(path, f'rng-{accelerator.process_index}.pt')
-    if state['num_processes'] == accelerator.num_processes and os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=True))
+    if state['num_processes'] == accelerator.num_processes and rng is not None:
+        set_rng_state(rng)
     else:
         logger.warning('%s was written by %d processes, this run has %d: global RNG streams restart (the data '
                        'order and all per-pair randomness still continue exactly)', path, state['num_processes'],
@@ -428,39 +455,38 @@ def changed_settings(before: dict, now: dict) -> Tuple[List[str], List[str]]:
     return [c for k, c in changes if is_fixed(k)], [c for k, c in changes if not is_fixed(k)]
 
 
-def checkpoint_problem(path: str, process_index: int) -> Optional[str]:
-    """Why a checkpoint folder cannot be loaded (a cut, emptied or unreadable file), or None; reads headers only."""
+def checkpoint_problem(path: str, process_index: int) -> Tuple[Optional[str], Optional[tuple]]:
+    """(why a checkpoint folder cannot be loaded, or None; ``read_training_state``'s result when it can). A cut,
+    emptied or unreadable file, or a training_state.pt / rng-<i>.pt that is not what training wrote, is a problem."""
     from safetensors import safe_open
     try:
         with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
             if not isinstance(json.load(f), dict):
-                return 'config.json is not a config'
+                return 'config.json is not a config', None
         for name in ('nnet.safetensors', 'nnet_ema.safetensors'):
             with safe_open(os.path.join(path, name), 'pt') as f:
                 f.keys()
-        for name in ('training_state.pt', f'rng-{process_index}.pt'):
-            if os.path.isfile(os.path.join(path, name)):  # torch.save writes a zip: a cut file lacks its directory
-                zipfile.ZipFile(os.path.join(path, name)).close()
+        return None, read_training_state(path, process_index)
     except Exception as err:  # whatever the damage, the checkpoint is skipped and the reason logged
-        return f'{type(err).__name__}: {err}'
-    return None
+        return f'{type(err).__name__}: {err}', None
 
 
-def newest_loadable_checkpoint(run_dir: str, accelerator) -> Optional[str]:
-    """The newest complete checkpoint every process can read; each broken one is logged and skipped."""
+def newest_loadable_checkpoint(run_dir: str, accelerator) -> Tuple[Optional[str], Optional[tuple]]:
+    """(the newest complete checkpoint every process can read, its training state); each broken one is logged and
+    skipped."""
     from accelerate.utils import gather_object
     steps = checkpoints(run_dir)
     for step in reversed(steps):
         path = os.path.join(run_dir, 'ckpts', f'{step}.ckpt')
-        problem = checkpoint_problem(path, accelerator.process_index)
+        problem, saved = checkpoint_problem(path, accelerator.process_index)
         problems = [p for p in (gather_object([problem]) if accelerator.num_processes > 1 else [problem]) if p]
         if not problems:
-            return path
+            return path, saved
         logger.warning('skipping checkpoint %s, it does not load: %s', path, problems[0])
     if steps:
         raise UserError(f'no checkpoint of {run_dir} loads (see the warnings above): move {run_dir}/ckpts away to '
                         'start the run over, or choose another config.name')
-    return None
+    return None, None
 
 
 def apply_free_settings(optimizer, scheduler, fresh_groups: List[dict]) -> None:
@@ -500,12 +526,12 @@ def resume(run_dir, config, accelerator, nnet, ema, optimizer, scheduler, digest
     weight decay, warm-up); a change of the training features is refused (``check_resumable`` has compared the
     other settings).
     """
-    path = newest_loadable_checkpoint(run_dir, accelerator)
+    path, saved = newest_loadable_checkpoint(run_dir, accelerator)
     if path is None:
         return None
     fresh = [{k: v for k, v in g.items() if k != 'params'} for g in getattr(optimizer, 'optimizer', optimizer)
              .param_groups]
-    state = load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler)
+    state = load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler, saved)
     if state.get('train_features', digest) != digest:
         raise UserError(f'cannot resume {run_dir}: the training features in {config.data.train} changed since '
                         f'{path} was written (re-extracted?). Restore them, or start a new run with another '
