@@ -33,6 +33,9 @@ def not_weights(path: str) -> str:
         head = f.read(4096)
     if not head:
         return 'the file is empty'
+    if head[8:9] == b'{':  # a safetensors header whose stated length exceeds the file: cut short or damaged
+        return (f'it starts like a safetensors file, but its header claims {int.from_bytes(head[:8], "little")} '
+                f'bytes and the file has {os.path.getsize(path)}: it is cut short or damaged')
     try:
         text = head.decode('utf-8')
     except UnicodeDecodeError:
