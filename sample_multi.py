@@ -23,7 +23,7 @@ from PIL import Image
 
 from libs import cli, config_check, logs, modes, pipeline, precision
 from libs.errors import UserError
-from libs.io import atomic_replace_dir, writing
+from libs.io import atomic_replace_dir, not_a_file, writing
 
 FLAGS = flags.FLAGS
 
@@ -66,7 +66,7 @@ def check_flags(mode, prompt, img, n_samples):
 def load_image(path):
     """Open an RGB image, turning any failure into a clear message."""
     if not os.path.isfile(path):
-        raise UserError(f'--img {path}: no such file')
+        raise UserError(f'--img {path}: {not_a_file(path)}')
     try:
         with Image.open(path) as im:
             return im.convert('RGB')

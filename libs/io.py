@@ -90,6 +90,22 @@ def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -
     return sd
 
 
+def not_a_file(path: str) -> str:
+    """What stands at ``path`` instead of a readable file, for messages: a folder, a link loop, a broken link, nothing."""
+    if os.path.isdir(path):
+        return 'it is a folder, not an image file: name a file in it'
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return 'it is a symbolic link that leads back to itself (a loop): fix the link or name the file'
+            return f'it is a symbolic link to {os.readlink(path)}, which does not exist: fix the link'
+    if os.path.exists(path):
+        return 'it is not a regular file (a device, socket or pipe): name an image file'
+    return 'no such file'
+
+
 def read_rgb(path: str) -> Image.Image:
     """An RGB image read fully into memory (no file handle stays open)."""
     with Image.open(path) as image:

@@ -27,7 +27,8 @@ import sample_multi
 import train_empath
 from common import tiny
 from configs.extract_tiny import get_config as extraction_config
-from libs import cli, io, runlock, trainer, training_loop
+from libs import cli, config_check, io, runlock, trainer, training_loop
+from libs.errors import UserError
 from libs.features import finished_shards
 from libs.synthetic import make_dataset
 # The tiny components and feature caches of the training tests, and their one-thread setting (fixtures).
@@ -167,6 +168,7 @@ def test_missing_or_raising_config_file(tmp_path, capsys):
     ('train.batch_size', '0', 'integer >= 1'), ('train.ckpt_every', '0', 'integer >= 1'),
     ('train.log_every', '0', 'integer >= 1'), ('train.ema_rate', '2.0', '< 1'), ('train.n_steps', '-5', '>= 1'),
     ('train.p_drop_both', '0.95', 'at most 1'), ('train.batch_size', '9', 'not divisible by train.grad_accum'),
+    ('seed', '-1', 'seed=-1 (must be a whole number from 0 to 9223372036854775807)'),
 ])
 def test_bad_config_values_are_refused_before_anything_is_built(key, value, wanted, tiny_root, tmp_path, capsys):
     extra = ['--config.train.grad_accum=2'] if 'divisible' in wanted else []
@@ -174,6 +176,21 @@ def test_bad_config_values_are_refused_before_anything_is_built(key, value, want
                                         f'--config.{key}={value}', *extra], capsys)
     assert_user_error(code, err, key.split('.')[-1], wanted)
     assert os.listdir(tmp_path) == []  # not even the run folder
+
+
+@pytest.mark.parametrize('seed', [-1, 0, 7, 2 ** 63])
+def test_one_seed_rule_for_configs_and_the_web_app(seed, tiny_root):
+    import app
+    config = tiny_config(tiny_root, 'unused')
+    config.seed = seed
+    refused_by_config = any(p.startswith('seed=') for p in config_check.problems(config, 'model'))
+    try:
+        app.request_config(config, 4, float(seed))
+        refused_by_app = False
+    except UserError as err:
+        refused_by_app = True
+        assert str(err) == f'the seed must be a whole number from 0 to {2 ** 63 - 1}, got {float(seed):g}'
+    assert refused_by_config == refused_by_app == (seed < 0 or seed >= 2 ** 63)
 
 
 def test_sampling_config_is_checked(tiny_models, tmp_path, capsys):

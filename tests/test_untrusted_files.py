@@ -75,3 +75,18 @@ def test_huge_safetensors_header_length_is_damaged_not_text(tmp_path):
                                          f'and the file has {path.stat().st_size}: it is cut short or damaged')
     path.write_text('just some notes\n')
     assert 'text file' in io.not_weights(str(path))
+
+
+def test_img_that_is_not_a_file_says_what_it_is(tmp_path):
+    import sample_multi
+    loop, dangling = tmp_path / 'loop.png', tmp_path / 'dangling.png'
+    os.symlink(loop, loop)
+    os.symlink(tmp_path / 'gone.png', dangling)
+    cases = {str(tmp_path): 'it is a folder, not an image file',
+             str(loop): 'it is a symbolic link that leads back to itself (a loop)',
+             str(dangling): f'it is a symbolic link to {tmp_path / "gone.png"}, which does not exist',
+             str(tmp_path / 'absent.png'): 'no such file'}
+    for path, words in cases.items():
+        with pytest.raises(UserError) as info:
+            sample_multi.load_image(path)
+        assert str(info.value).startswith(f'--img {path}: {words}')
