@@ -157,6 +157,36 @@ def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config
     return losses, logits
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The objective's inputs for measurements outside training (validation, libs/demo/measure.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def validation_randomness(positions: Sequence[int], config, N: int) -> dict:
+    """The fixed randomness of held-out pairs: their own ('val') stream of ``draw_randomness``, no speaker dropout."""
+    return draw_randomness(positions, config.seed, 'val', config, N, NO_DROPOUT)
+
+
+def speaker_condition(batch: dict, rand: dict, encode_text, config, N: int, present: bool) -> dict:
+    """The speaker segment as training feeds it: the clean turn at t = 0, or (``present=False``) the whole speaker
+    absent, Gaussian noise at t = N (DESIGN §2)."""
+    if not present:
+        return dict(img=rand['absent_img'], clip_img=rand['absent_clip'], text=rand['absent_text'],
+                    t_img=torch.full_like(rand['t_img'], N), t_text=torch.full_like(rand['t_img'], N))
+    return dict(img=sample_latent(batch['speaker_moments'], config.autoencoder.scale_factor, rand['speaker_latent']),
+                clip_img=batch['speaker_clip_img'], text=encode_text(batch['speaker_text'].float()),
+                t_img=torch.zeros_like(rand['t_img']), t_text=torch.zeros_like(rand['t_img']))
+
+
+def response_prediction(nnet, schedule, batch: dict, rand: dict, encode_text, config, cond: dict = None):
+    """The network's outputs for the pairs' noisy responses as the objective draws them (a posterior sample of the
+    face latent, independent timesteps for face and text); ``cond`` is a ``speaker_condition`` or None."""
+    response = (sample_latent(batch['response_moments'], config.autoencoder.scale_factor, rand['response_latent']),
+                batch['response_clip_img'], encode_text(batch['response_text'].float()))
+    data_type = torch.full_like(rand['t_img'], config.data_type) if NETS[config.nnet.name]['use_data_type'] else None
+    return noise_prediction(nnet, schedule, response, *(rand[k] for k in RAND_KEYS), data_type,
+                            **({} if cond is None else dict(cond=cond)))
+
+
 FEATURE_KEYS = tuple(k for k, dtype in TENSOR_DTYPES.items() if dtype.is_floating_point)
 
 
@@ -613,8 +643,7 @@ def evaluate(nets: dict, val_set, indices: Sequence[int], batch_size: int, accel
     for s in range(0, n_local, batch_size):
         chunk = mine[s:s + batch_size]
         batch = to_device(torch.utils.data.default_collate([val_set[i] for i in chunk]), accelerator.device)
-        rand = to_device(draw_randomness(chunk, config.seed, 'val', config, schedule.N, NO_DROPOUT),
-                         accelerator.device)
+        rand = to_device(validation_randomness(chunk, config, schedule.N), accelerator.device)
         labels.append(batch['label'])
         for name, net in nets.items():
             was_training = net.training
