@@ -96,3 +96,53 @@ def test_sigterm_then_sigusr1_and_resume_is_bit_identical(tiny_root, tmp_path):
     # The log window of the interrupted intervals travelled in the checkpoints: every logged mean is the same.
     strip = lambda ms: [{k: v for k, v in m.items() if k != 'sec_per_step'} for m in ms]
     assert strip(read_metrics(run)) == strip(read_metrics(ref_run))
+
+
+def workers(launcher_pid):
+    """{rank: pid} of the training processes a launcher started (read from /proc)."""
+    found, todo = {}, [launcher_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f'/proc/{pid}/task/{pid}/children') as f:
+                children = [int(c) for c in f.read().split()]
+            with open(f'/proc/{pid}/environ', 'rb') as f:
+                env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+        except OSError:
+            continue
+        if b'RANK' in env and pid != launcher_pid and b'train_empath' in open(f'/proc/{pid}/cmdline', 'rb').read():
+            found[int(env[b'RANK'])] = pid
+        todo += children
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tiny_root, tmp_path):
+    """DDP over gloo, 2 processes: only rank 1 gets SIGUSR1; the per-step all-reduce carries its vote, both stop
+    after the same step, and the checkpoint holds both processes' RNG states."""
+    from test_train import free_port
+    run = tmp_path / 'avamerg_tiny'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           '--main_process_port', str(free_port()), 'train_empath.py', f'--config=configs/avamerg_tiny.py:{tiny_root}',
+           f'--config.workdir={tmp_path}', *overrides(dict(n_steps=400, log_every=2, val_every=0, ckpt_every=1000))]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU='true'), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not logged_steps(str(run)):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.05)
+    ranks = workers(launcher.pid)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGUSR1)
+    _, stderr = launcher.communicate(timeout=300)
+    stopped = sorted(line.split('stopped: ', 1)[1] for line in stderr.splitlines() if 'stopped: ' in line)
+    assert len(stopped) == 2, stderr[-3000:]
+    step = trainer.checkpoints(str(run))[-1]
+    path = os.path.join(run, 'ckpts', f'{step}.ckpt')
+    assert 0 < step < 400 and sorted(os.listdir(path)) == sorted([*trainer.CKPT_FILES, 'rng-0.pt', 'rng-1.pt'])
+    tail = (f'during step {step}: checkpoint {path} written; run the same command again to resume from it '
+            '(scripts/slurm_train.sh requeues the job)')
+    assert stopped == [f'SIGUSR1 {tail}', f'a signal to another process {tail}']
+    assert 'Traceback' not in stderr.split('stopped: ')[0]   # nothing went wrong before the stop
