@@ -533,3 +533,21 @@ def test_nonfinite_guard_stops_with_exit_code_and_skips_updates(tiny_root, tmp_p
     for name in ('nnet.safetensors', 'nnet_ema.safetensors'):
         a, b = (load_file(os.path.join(run, 'ckpts', f'{s}.ckpt', name)) for s in (2, 4))
         assert all(torch.equal(a[k], b[k]) for k in a), f'{name} changed during skipped steps'
+
+
+HELP_IMPORTS = '''
+import runpy, sys
+sys.argv = ['train_empath.py', '--help']
+try:
+    runpy.run_path('train_empath.py', run_name='__main__')
+except SystemExit as exit_:
+    print(exit_.code, sorted(m for m in ('torch', 'transformers', 'diffusers', 'accelerate') if m in sys.modules))
+'''
+
+
+def test_help_exits_0_without_heavy_imports():
+    """train_empath.py is flags + a call: --help imports none of torch, transformers, diffusers, accelerate."""
+    done = subprocess.run([sys.executable, '-c', HELP_IMPORTS], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == '0 []', done.stdout[-2000:] + done.stderr[-2000:]
+    assert '--config' in done.stdout and '--[no]dry_run' in done.stdout
