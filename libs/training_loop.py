@@ -23,7 +23,7 @@ from libs import config_check, distributed, hub, lora, preemption, runlock, trai
 from libs.diffusion import Schedule, stable_diffusion_betas
 from libs.errors import UserError
 from libs.features import (FeatureDataset, RankSampler, ShuffledStream, StreamDataset, check_finite, derive_seed,
-                           micro_batch_size)
+                           micro_batch_size, reextract_command)
 from libs.io import atomic_write_bytes, writing
 from libs.uvit import NETS
 
@@ -272,14 +272,71 @@ def log_row(state: dict, lr: float, seconds: float, log_every: int) -> dict:
     return record
 
 
+def validate(nets: dict, val_set, val_indices, micro_batch: int, accelerator, encode_text, schedule, config,
+             metrics_path: str, step: int) -> float:
+    """Validation metrics of the nets, logged and tracked; returns the EMA network's loss (checkpoint selection)."""
+    metrics = trainer.evaluate(nets, val_set, val_indices, micro_batch, accelerator, encode_text, schedule, config)
+    if accelerator.is_main_process:
+        append_metrics(metrics_path, dict(step=step, **{f'val/{k}': v for k, v in metrics.items()}))
+        logger.info('step %d validation: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+    accelerator.log({f'val/{k}': v for k, v in metrics.items()}, step=step)
+    return metrics['ema/loss']
+
+
+def checkpoint(run_dir: str, accelerator, nets, state: dict, config, val_loss) -> str:
+    """Write ckpts/<step>.ckpt (every process takes part), prune old ones and re-export the best EMA; returns its
+    path."""
+    nnet, ema, optimizer, scheduler = nets
+    step = state['step']
+    if val_loss is not None and val_loss < state['best_val_loss']:
+        state.update(best_step=step, best_val_loss=val_loss)
+    with writing(os.path.join(run_dir, 'ckpts')):  # torch.save reports a full disk without an errno
+        path = trainer.save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler, state, config)
+    if accelerator.is_main_process:
+        trainer.prune_checkpoints(run_dir, config.train.keep_last, state['best_step'])
+        write = functools.partial(lora.write_merged, ema) if lora.enabled(config) else trainer.link_or_copy
+        state['export'] = trainer.export_ema(run_dir, state, step, write)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 
+def start_run(config):
+    """(Accelerator, run folder): the folder locked for this run (libs/runlock.py) and logged into."""
+    from accelerate import Accelerator
+    run_dir = os.path.join(config.workdir, config.name)
+    mixed_precision = config.mixed_precision if torch.cuda.is_available() else 'no'  # bf16 autocast only pays on GPUs
+    if config.log_with == 'wandb':
+        os.environ.setdefault('WANDB_MODE', 'offline')  # never require a login; WANDB_MODE=online opts in
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config.log_with or None, project_dir=run_dir)
+    runlock.take(run_dir, 'training run')
+    setup_logging(run_dir, accelerator.is_main_process)
+    logger.info('%d process(es) on %s, mixed precision %s, run folder %s', accelerator.num_processes,
+                accelerator.device, mixed_precision, run_dir)
+    return accelerator, run_dir
+
+
+def damaged_features(guard, accelerator, config) -> UserError:
+    """The error that stops training at a step that read non-finite features, naming the pairs (all processes)."""
+    bad = trainer.nonfinite_pairs(guard, accelerator)[0]
+    return UserError(f'non-finite (NaN/Inf) features in {len(bad)} training pair(s) of {config.data.train}: '
+                     f'{", ".join(bad[:5])}; re-extract the cache with '
+                     f'{reextract_command(config.data.train, "train", overwrite=True)}, which refuses such shards')
+
+
+def stopped(stop: preemption.StopFlag, step: int, path: str) -> preemption.Preempted:
+    """Log the stop in one line; the exception that ends the run with exit status 75 (libs.cli)."""
+    cause = stop.signal_name or 'a signal to another process'
+    logger.warning('%s: stopped after step %d, checkpoint %s written', cause, step, path)
+    return preemption.Preempted(f'{cause} during step {step}: checkpoint {path} written; run the same command again '
+                                'to resume from it (scripts/slurm_train.sh requeues the job)')
+
+
 @runlock.scope
 def train(config, dry_run: bool = False) -> dict:
     """Run (or resume) a training run; returns the final training state."""
-    from accelerate import Accelerator
 
     # Check the config and that the pretrained parts are there, before anything heavy is built.
     config_check.check(config, 'model', 'sample', 'train')
@@ -287,17 +344,9 @@ def train(config, dry_run: bool = False) -> dict:
     hub.preflight(config, ('init_from', 'caption_decoder', 'autoencoder' if tc.sample_every > 0 else None))
 
     # Accelerator, run folder (locked: one run at a time), logging.
-    run_dir = os.path.join(config.workdir, config.name)
-    mixed_precision = config.mixed_precision if torch.cuda.is_available() else 'no'  # bf16 autocast only pays on GPUs
-    if config.log_with == 'wandb':
-        os.environ.setdefault('WANDB_MODE', 'offline')  # never require a login; WANDB_MODE=online opts in
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config.log_with or None, project_dir=run_dir)
+    accelerator, run_dir = start_run(config)
     is_main, device = accelerator.is_main_process, accelerator.device
-    runlock.take(run_dir, 'training run')
-    setup_logging(run_dir, is_main)
     metrics_path = os.path.join(run_dir, 'metrics.jsonl')
-    logger.info('%d process(es) on %s, mixed precision %s, run folder %s', accelerator.num_processes, device,
-                mixed_precision, run_dir)
     if tc.resume:
         trainer.check_resumable(run_dir, config)
 
@@ -337,10 +386,7 @@ def train(config, dry_run: bool = False) -> dict:
             totals, guard = accumulate_gradients(nnet, batches, accelerator, encode_text, schedule, config, drop)
             bad_features, stopping = agree(accelerator, guard, stop)
             if bad_features:
-                bad = trainer.nonfinite_pairs(guard, accelerator)[0]
-                raise UserError(f'non-finite (NaN/Inf) features in {len(bad)} training pair(s) of '
-                                f'{config.data.train}: {", ".join(bad[:5])}; re-extract the cache '
-                                '(extract_features.py --overwrite), which refuses such shards')
+                raise damaged_features(guard, accelerator, config)
 
             # Optimizer step and EMA update, skipped (and counted) when the loss or the gradient is not finite.
             row = apply_update(nnet, ema, optimizer, accelerator, totals, guard, state, run_dir, tc)
@@ -364,13 +410,8 @@ def train(config, dry_run: bool = False) -> dict:
             # Validate the online and EMA networks on fixed pairs with fixed noise.
             val_loss = None
             if val_set is not None and tc.val_every > 0 and step % tc.val_every == 0:
-                metrics = trainer.evaluate({'nnet': accelerator.unwrap_model(nnet), 'ema': ema}, val_set,
-                                           val_indices, micro_batch, accelerator, encode_text, schedule, config)
-                val_loss = metrics['ema/loss']
-                if is_main:
-                    append_metrics(metrics_path, dict(step=step, **{f'val/{k}': v for k, v in metrics.items()}))
-                    logger.info('step %d validation: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
-                accelerator.log({f'val/{k}': v for k, v in metrics.items()}, step=step)
+                val_loss = validate({'nnet': accelerator.unwrap_model(nnet), 'ema': ema}, val_set, val_indices,
+                                    micro_batch, accelerator, encode_text, schedule, config, metrics_path, step)
 
             # Samples for fixed validation speaker turns (main process, EMA network); not while stopping.
             if sampling is not None and val_set is not None and step % tc.sample_every == 0 and not stopping:
@@ -382,26 +423,13 @@ def train(config, dry_run: bool = False) -> dict:
 
             # Checkpoint (keep the newest K plus the best by EMA validation loss), also when a signal asks to stop.
             if step % tc.ckpt_every == 0 or step == tc.n_steps or stopping:
-                if val_loss is not None and val_loss < state['best_val_loss']:
-                    state.update(best_step=step, best_val_loss=val_loss)
-                with writing(os.path.join(run_dir, 'ckpts')):  # torch.save reports a full disk without an errno
-                    path = trainer.save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler,
-                                                   state, config)
-                if is_main:
-                    trainer.prune_checkpoints(run_dir, tc.keep_last, state['best_step'])
-                    write = functools.partial(lora.write_merged, ema) if lora.enabled(config) else trainer.link_or_copy
-                    state['export'] = trainer.export_ema(run_dir, state, step, write)
+                path = checkpoint(run_dir, accelerator, (nnet, ema, optimizer, scheduler), state, config, val_loss)
 
             # Stop on SIGTERM/SIGUSR1 with this step's checkpoint written (libs.cli exits 75: requeue).
             if stopping and step < tc.n_steps:
                 accelerator.wait_for_everyone()  # no process exits while the main one still exports
                 progress.close()
-                logger.warning('%s: stopped after step %d, checkpoint %s written', stop.signal_name or 'a signal to '
-                               'another process', step, path)
-                raise preemption.Preempted(
-                    f'{stop.signal_name or "a signal to another process"} during step {step}: checkpoint {path} '
-                    'written; run the same command again to resume from it (scripts/slurm_train.sh requeues '
-                    'the job)')
+                raise stopped(stop, step, path)
     progress.close()
     accelerator.end_training()
     if is_main and 'export' in state:
