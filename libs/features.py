@@ -22,7 +22,7 @@ import os
 from typing import Dict, List, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from libs.errors import UserError
 from libs.io import atomic_save_safetensors, atomic_write_json
@@ -215,7 +215,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         split = self.manifest.get('split')
         try:
             handle = safe_open(path + '.safetensors', 'pt')
-        except Exception as err:  # SafetensorError (a cut or overwritten file) is not importable by name
+        except SafetensorError as err:  # 'incomplete metadata', 'invalid header length': a cut or overwritten file
             raise damaged_file(path + '.safetensors', err, 'it', self.root, split) from err
         self._check(handle, entry, path)
         try:

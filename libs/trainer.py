@@ -31,7 +31,7 @@ from libs.distributed import full_tensor
 from libs.errors import UserError
 from libs.features import TENSOR_DTYPES, derive_seed, nonfinite_rows, pair_id
 from libs.hub import NNET_EXPORT
-from libs.io import atomic_write_json
+from libs.io import atomic_write_json, load_error
 from libs.uvit import NETS, build_nnet, checkpoint_config, load_nnet_weights
 
 logger = logging.getLogger(__name__)
@@ -401,7 +401,6 @@ RNG_KEYS = ('torch', 'cuda', 'numpy', 'python')
 def read_training_state(path: str, process_index: int) -> Tuple[dict, Optional[dict]]:
     """(training_state.pt, this process's rng-<i>.pt or None) of a checkpoint folder, unpickling tensors and plain
     containers only; raises ValueError saying how a file differs from what ``save_checkpoint`` writes."""
-    from libs.io import load_error
     files = {}
     for name in ('training_state.pt', f'rng-{process_index}.pt'):
         if os.path.isfile(os.path.join(path, name)):
