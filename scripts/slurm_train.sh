@@ -21,16 +21,17 @@
 # possibly on other nodes, and train_empath.py resumes from the newest checkpoint that loads.
 #
 # Preemption and the time limit (docs/training_reliability.md). SLURM sends SIGUSR1 to every process of the job step
-# 120 s before the time limit (--signal=USR1@120 below), and SIGTERM to the step and to this script on preemption,
-# on `scancel` and at the limit (then SIGKILL after KillWait, 30 s by default). train_empath.py finishes its current
-# optimizer step, writes a checkpoint of it, prints `stopped: ...` and exits 75; every process stops after the same
-# step. Exit statuses do not travel on their own: `accelerate launch` (torchrun) reports any failed worker as 1, and
-# srun reports the highest task status (or 128 + a signal, e.g. after --kill-on-bad-exit). So each node's wrapper
-# below starts the launcher with SIGUSR1 ignored (torchrun would die of it before its workers save), notes a stop
-# signal, and turns a launcher that failed after one into 75, also writing $STOP_FILE. This script traps SIGTERM so
-# that it waits for srun (bash would otherwise die at once, and srun with it), then requeues the job when srun
-# returned 75 or a node wrote $STOP_FILE: the requeued job resumes from the stop's checkpoint (at most one step is
-# lost). Any other failure ends the job with its status. A job that must not requeue: `scancel --signal=KILL`.
+# 120 s before the time limit (--signal=USR1@120 below) and SIGTERM on preemption (then SIGKILL after the grace
+# time). train_empath.py finishes its current optimizer step, writes a checkpoint of it, prints `stopped: ...` and
+# exits 75; every process stops after the same step. Exit statuses do not travel on their own: `accelerate launch`
+# (torchrun) reports any failed worker as 1 and would die of SIGUSR1 before its workers save, and srun reports the
+# highest task status (or 128 + a signal, e.g. after --kill-on-bad-exit). So each node's wrapper below starts the
+# launcher with SIGUSR1 ignored, notes a stop signal, and turns a launcher that failed after one into 75, also
+# writing $STOP_FILE. A SIGTERM to this script (`scancel --batch`, the time limit) must not end it before srun: it is
+# trapped and the script keeps waiting. The job is requeued (scontrol requeue) when srun returned 75 or a node wrote
+# $STOP_FILE; the requeued job resumes from the stop's checkpoint. Any other failure ends the job with its status.
+# By hand: `scancel --signal=USR1 <job>` stops cleanly and requeues; a plain `scancel <job>` ends the job (srun answers
+# SIGTERM by killing its tasks), which resumes from its previous checkpoint when submitted again.
 #SBATCH --job-name=empathdiffuser
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -63,7 +64,7 @@ export PREEMPTED_EXIT=75   # libs/preemption.py: stopped by a signal after writi
 export STOP_FILE=${STOP_FILE:-${SLURM_SUBMIT_DIR:-$PWD}/.slurm-$SLURM_JOB_ID.stopped}   # seen by this node's wrapper
 rm -f "$STOP_FILE"
 stop=""
-trap 'stop=SIGTERM' TERM   # preemption, scancel or the time limit: wait for srun, whose tasks are saving
+trap 'stop=SIGTERM' TERM   # keep waiting for srun, whose tasks are saving
 # Single quotes: SLURM_NODEID is each node's own, so it is expanded by the shell srun starts there.
 srun --kill-on-bad-exit=1 bash -c '
     stop=""
