@@ -601,8 +601,13 @@ def export_ema(run_dir: str, state: dict, newest_step: int, write=link_or_copy) 
     source, tmp = os.path.join(run_dir, info['checkpoint'], EXPORT), path + '.tmp'
     if os.path.exists(tmp):
         os.remove(tmp)
-    write(source, tmp)
-    os.replace(tmp, path)
+    try:
+        write(source, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: the old export stays whole and no half file is left beside it
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     atomic_write_json(meta, info)
     return info
 

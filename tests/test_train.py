@@ -364,7 +364,8 @@ def test_ema_export_replaces_the_old_file_atomically(tmp_path):
         raise OSError(28, 'No space left on device', dest)
     with pytest.raises(OSError):
         trainer.export_ema(str(run), state, 4, write=half_then_fail)
-    assert (run / trainer.EXPORT).read_bytes() == old
+    assert (run / trainer.EXPORT).read_bytes() == old and sorted(os.listdir(run)) == sorted(
+        ['ckpts', trainer.EXPORT, trainer.EXPORT_INFO])
     assert json.loads((run / trainer.EXPORT_INFO).read_text())['step'] == 2
     trainer.export_ema(str(run), state, 4)
     assert torch.equal(load_file(str(run / trainer.EXPORT))['w'], torch.full((256,), 2.))
