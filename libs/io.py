@@ -91,7 +91,7 @@ def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -
 
 
 def not_a_file(path: str) -> str:
-    """What stands at ``path`` instead of a readable file, for messages: a folder, a link loop, a broken link, nothing."""
+    """What is at ``path`` instead of a readable file, for messages: a folder, a link loop, a broken link, nothing."""
     if os.path.isdir(path):
         return 'it is a folder, not an image file: name a file in it'
     if os.path.islink(path):

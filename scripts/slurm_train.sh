@@ -91,7 +91,7 @@ while true; do
     kill -0 "$step" 2>/dev/null || break
 done
 if [[ $status -eq $PREEMPTED_EXIT || ( $status -ne 0 && -s "$STOP_FILE" ) ]]; then
-    echo "$(date) job $SLURM_JOB_ID stopped by ${stop:-a signal} with a checkpoint (srun status $status): requeueing" >&2
+    echo "$(date) job $SLURM_JOB_ID stopped by ${stop:-a signal} with a checkpoint (srun status $status): requeue" >&2
     rm -f "$STOP_FILE"
     scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: resubmit this job to resume" >&2
     exit "$PREEMPTED_EXIT"

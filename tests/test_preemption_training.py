@@ -2,6 +2,7 @@
 included, as SLURM signals every process of a job) between checkpoints; each stop finishes the step, writes its
 checkpoint, prints one ``stopped:`` line and exits 75, and the twice-resumed run ends bit-identical to an
 uninterrupted one (weights, EMA, optimizer state and metrics)."""
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,21 @@ def logged_steps(run):
     return steps
 
 
+@contextlib.contextmanager
+def reaped(proc, group_file=None):
+    """Kill the process's group (and the group whose id it wrote into ``group_file``) if the test ends while it
+    runs: no orphan keeps a core busy."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            groups = [proc.pid] + ([int(group_file.read_text())] if group_file and group_file.is_file() else [])
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+            proc.wait()
+
+
 def signal_after_next_log(proc, run, after_step, signum, group):
     """Send ``signum`` to the process (or its process group) once metrics.jsonl logs a step past ``after_step``."""
     deadline = time.monotonic() + 300
@@ -48,8 +64,9 @@ def stopped_run(args, run, after_step, signum, group=False):
     """Start training, signal it mid-run; returns (the step it stopped after, its stderr)."""
     proc = subprocess.Popen([sys.executable, 'train_empath.py', *args], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    signal_after_next_log(proc, run, after_step, signum, group)
-    _, stderr = proc.communicate(timeout=300)
+    with reaped(proc):
+        signal_after_next_log(proc, run, after_step, signum, group)
+        _, stderr = proc.communicate(timeout=300)
     name = signal.Signals(signum).name
     assert proc.returncode == preemption.PREEMPTED_EXIT, stderr[-3000:]
     assert 'Traceback' not in stderr
@@ -128,15 +145,16 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tiny_ro
            '--main_process_port', str(free_port()), 'train_empath.py', f'--config=configs/avamerg_tiny.py:{tiny_root}',
            f'--config.workdir={tmp_path}', *overrides(dict(n_steps=400, log_every=2, val_every=0, ckpt_every=1000))]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU='true'), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not logged_steps(str(run)):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
-        time.sleep(0.05)
-    ranks = workers(launcher.pid)
-    assert sorted(ranks) == [0, 1]
-    os.kill(ranks[1], signal.SIGUSR1)
-    _, stderr = launcher.communicate(timeout=300)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    with reaped(launcher):
+        deadline = time.monotonic() + 300
+        while not logged_steps(str(run)):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+            time.sleep(0.05)
+        ranks = workers(launcher.pid)
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[1], signal.SIGUSR1)
+        _, stderr = launcher.communicate(timeout=300)
     stopped = sorted(line.split('stopped: ', 1)[1] for line in stderr.splitlines() if 'stopped: ' in line)
     assert len(stopped) == 2, stderr[-3000:]
     step = trainer.checkpoints(str(run))[-1]

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from libs import trainer
+from test_preemption_training import reaped
 from test_train import ENV, ROOT, tiny_root  # noqa: F401 (fixture)
 
 SRUN = '''#!/bin/bash
@@ -60,19 +61,19 @@ def test_usr1_to_the_step_stops_training_and_the_script_requeues(tiny_root, tmp_
             '--config.train.ckpt_every=1000', '--config.train.val_every=0']
     job = subprocess.Popen(args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (run / 'metrics.jsonl').is_file() or not (run / 'metrics.jsonl').read_text().endswith('\n'):
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
-        time.sleep(0.05)
-    step_group = int((tmp_path / 'step.pid').read_text())
-    os.killpg(step_group, signal.SIGUSR1)   # wrapper, launcher (which ignores it), training process
-    os.kill(job.pid, signal.SIGTERM)        # the batch script: it must keep waiting for srun
-    _, stderr = job.communicate(timeout=300)
+    with reaped(job, tmp_path / 'step.pid'):
+        deadline = time.monotonic() + 300
+        while not (run / 'metrics.jsonl').is_file() or not (run / 'metrics.jsonl').read_text().endswith('\n'):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.killpg(int((tmp_path / 'step.pid').read_text()), signal.SIGUSR1)   # wrapper, launcher (ignores it), training
+        os.kill(job.pid, signal.SIGTERM)   # the batch script: it must keep waiting for srun
+        _, stderr = job.communicate(timeout=300)
     assert job.returncode == 75, stderr[-3000:]
     assert (tmp_path / 'scontrol.log').read_text() == 'requeue 4242\n'
     assert 'stopped: SIGUSR1 during step' in stderr and 'Traceback' not in stderr
     assert 'node 0: SIGUSR1, the launcher ended with 1: stopped with a checkpoint' in stderr
-    assert 'job 4242 stopped by SIGTERM with a checkpoint (srun status 75): requeueing' in stderr
+    assert 'job 4242 stopped by SIGTERM with a checkpoint (srun status 75): requeue' in stderr
     stopped_at = trainer.checkpoints(str(run))
     assert len(stopped_at) == 1 and 0 < stopped_at[0] < 400
     assert not (tmp_path / '.slurm-4242.stopped').exists()
