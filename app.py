@@ -25,7 +25,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from libs import cli, logs
+from libs import cli, config_check, logs
 from libs.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ def request_config(config, steps, seed, speaker_guidance=None, **scales):
     steps, seed = number(steps, 'steps'), number(seed, 'the seed')
     if steps != int(steps) or not 1 <= steps <= MAX_STEPS:
         raise UserError(f'steps must be a whole number in 1..{MAX_STEPS}, got {steps:g}')
-    if seed != int(seed) or not 0 <= seed < 2 ** 63:
-        raise UserError(f'the seed must be a whole number from 0 up, got {seed:g}')
+    wanted = config_check.seed()(int(seed) if seed == int(seed) else seed)
+    if wanted:
+        raise UserError(f'the seed must be {wanted}, got {seed:g}')
     config = config.copy_and_resolve_references()
     config.sample.sample_steps, config.seed = int(steps), int(seed)
     for key, value in scales.items():

@@ -67,8 +67,10 @@ def check_flags(mode, prompt, img, n_samples):
 def load_image(path):
     """Open an RGB image, turning any failure into a clear message."""
     from PIL import Image
+
+    from libs.io import not_a_file
     if not os.path.isfile(path):
-        raise UserError(f'--img {path}: no such file')
+        raise UserError(f'--img {path}: {not_a_file(path)}')
     try:
         with Image.open(path) as im:
             return im.convert('RGB')

@@ -112,7 +112,8 @@ MEDIA_DIRS = {
              ('video_v5_0', VIDEOS)),
 }
 MEDIA_DIRS['val'] = MEDIA_DIRS['train']
-MISSING_EXAMPLES = 10  # missing stems named in logs and summaries
+MISSING_EXAMPLES = 10  # missing stems (and unknown emotion words) named in logs and summaries
+GOLD_BESIDE_TEST = 'test_gold.json'  # where a release without gold in test.json may put it (data.test_gold)
 GOLD_HINT = ('; every turn of train.json needs a gold response and chain_of_empathy.speaker_emotion (only the test '
              'split may lack them)')
 
@@ -513,6 +514,18 @@ class AvaMERG:
         self.unknown_emotions = collections.Counter()
         candidates = list(iter_pairs(dialogues, split, speaker_text, history_tokens, count_tokens,
                                      self.unknown_emotions))
+        if self.unknown_emotions:
+            words = ', '.join(f'{word!r} ({n})' for word, n in self.unknown_emotions.most_common(MISSING_EXAMPLES))
+            more = len(self.unknown_emotions) - MISSING_EXAMPLES
+            logger.warning('AvaMERG %s: %d turns have an emotion word outside the 32 EmpatheticDialogues classes and '
+                           'its synonyms, so no emotion label (-1, no emotion loss): %s%s', split,
+                           sum(self.unknown_emotions.values()), words, f' and {more} more words' if more > 0 else '')
+        if split == 'test' and not gold_path and not any(p.has_gold_response or p.has_gold_label for p in candidates):
+            beside = os.path.join(os.path.dirname(self.json_path), GOLD_BESIDE_TEST)
+            if os.path.isfile(beside):
+                logger.warning('AvaMERG test: %s has no gold responses or emotions, but %s beside it may: pass '
+                               '--config.data.test_gold=%s to join it (metrics that need gold are not computed '
+                               'without it)', self.json_path, beside, beside)
         self.media = MediaIndex(root, split, media_dirs, frames_cache)
         self.media.require_any([s for p in candidates for s in (p.speaker_stem, p.response_stem)],
                                f'{split} split of {self.json_path}')

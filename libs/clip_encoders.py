@@ -10,6 +10,7 @@ import collections
 import json
 import logging
 import os
+import pickle
 import re
 
 import numpy as np
@@ -21,6 +22,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from libs import hub
 from libs.errors import UserError
+from libs.io import load_error
 from libs.memory import chunked
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ def _load_model(model_cls, name_or_path, local_files_only, hub_id, kind):
     except (OSError, ValueError, RuntimeError) as err:  # missing files / bad id / wrong shapes, respectively
         raise UserError(f'cannot load {model_cls.__name__} from {name_or_path!r} (not a complete model folder, or '
                         f'a different architecture): {err}\n'
+                        f'To fix: {_how_to_get(hub_id, kind)}.') from err
+    except pickle.UnpicklingError as err:  # a pytorch_model.bin holding objects: torch.load refused it
+        raise UserError(f'cannot load {model_cls.__name__} from {name_or_path!r}: {load_error(err)}. '
                         f'To fix: {_how_to_get(hub_id, kind)}.') from err
     if info['missing_keys']:
         raise UserError(f'{name_or_path!r} holds no {model_cls.__name__} weights for {len(info["missing_keys"])} '

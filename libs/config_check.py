@@ -26,6 +26,14 @@ def integer(low: int = None) -> Callable:
     return lambda x: None if _is_int(x) and (low is None or x >= low) else wanted
 
 
+SEED_END = 2 ** 63  # seeds are 0 .. 2^63 - 1: what torch.Generator.manual_seed and a signed int64 both take
+
+
+def seed() -> Callable:
+    """A random seed: a whole number from 0 up to 2^63 - 1 (the rule of every entry point and the web app)."""
+    return lambda x: None if _is_int(x) and 0 <= x < SEED_END else f'a whole number from 0 to {SEED_END - 1}'
+
+
 def interval() -> Callable:
     """Every how many steps something happens: an integer >= 1, or 0 for never."""
     return lambda x: None if _is_int(x) and x >= 0 else 'an integer >= 1, or 0 to turn it off'
@@ -103,7 +111,7 @@ def _registries() -> Dict[str, tuple]:
 
 RULES = {
     'model': {
-        'seed': integer(), 'z_shape': shape(3), 'clip_img_dim': integer(1), 'clip_text_dim': integer(1),
+        'seed': seed(), 'z_shape': shape(3), 'clip_img_dim': integer(1), 'clip_text_dim': integer(1),
         'text_dim': integer(1), 'num_text_tokens': integer(1), 'data_type': choice(0, 1),
         'mixed_precision': choice('no', 'fp16', 'bf16'), 'autoencoder.scale_factor': number(0, low_open=True),
         'nnet.name': registry('nets'), 'nnet.embed_dim': integer(1), 'nnet.depth': integer(1),

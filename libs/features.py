@@ -22,7 +22,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from libs.errors import UserError
 from libs.io import atomic_save_safetensors, atomic_write_json
@@ -46,6 +46,21 @@ META_KEYS = ('split', 'conversation_id', 'turn_id', 'speaker_stem', 'response_st
              'response_text_raw', 'emotion')
 REEXTRACT = ('rerun extract_features.py for this split (--split=train, val or test; it skips the shards that are '
              'finished)')
+SPLIT_NAMES = ('train', 'val', 'test')  # what extract_features.py --split takes
+
+
+def reextract_command(root: str, split: str = None, overwrite: bool = False) -> str:
+    """The command that rebuilds the cache folder ``root`` (its split from the manifest, else the folder's name)."""
+    if split is None and os.path.basename(os.path.normpath(root)) in SPLIT_NAMES:
+        split = os.path.basename(os.path.normpath(root))
+    return (f'`python extract_features.py --config=<the config that extracted it> --split={split or "<its split>"}'
+            f'{" --overwrite" if overwrite else ""}`')
+
+
+def damaged_file(path: str, err: Exception, remove: str, root: str, split: str = None) -> UserError:
+    """The one-line error for a cut or overwritten cache file: what, and the commands that rebuild it."""
+    return UserError(f'{path} is damaged ({type(err).__name__}: {err}); delete {remove} and rerun '
+                     f'{reextract_command(root, split)}, which re-encodes missing shards and rewrites the manifest')
 
 
 def shard_name(index: int) -> str:
@@ -133,8 +148,13 @@ def read_manifest(root: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f'no feature cache at {root} ({MANIFEST} is missing): {REEXTRACT}, '
                         'or point config.data at the folder it wrote')
-    with open(path, encoding='utf-8') as f:
-        manifest = json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:  # cut or overwritten: the cache cannot be trusted
+        raise damaged_file(path, err, 'it', root) from err
+    if not isinstance(manifest, dict):
+        raise damaged_file(path, TypeError(f'a JSON {type(manifest).__name__}, not a manifest'), 'it', root)
     if manifest.get('format') != FORMAT or manifest.get('version') != VERSION:
         raise UserError(f'{path} is not a version-{VERSION} {FORMAT} manifest; {REEXTRACT}')
     if set(manifest['tensors']) != set(TENSOR_DTYPES):
@@ -231,10 +251,17 @@ class FeatureDataset(torch.utils.data.Dataset):
             return self._open[k]
         entry = self.shards[k]
         path = os.path.join(self.root, entry['name'])
-        handle = safe_open(path + '.safetensors', 'pt')
+        split = self.manifest.get('split')
+        try:
+            handle = safe_open(path + '.safetensors', 'pt')
+        except SafetensorError as err:  # 'incomplete metadata', 'invalid header length': a cut or overwritten file
+            raise damaged_file(path + '.safetensors', err, 'it', self.root, split) from err
         self._check(handle, entry, path)
-        with open(path + '.json', encoding='utf-8') as f:
-            meta = json.load(f)
+        try:
+            with open(path + '.json', encoding='utf-8') as f:
+                meta = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise damaged_file(path + '.json', err, f'it and {entry["name"]}.safetensors', self.root, split) from err
         if len(meta) != entry['pairs']:
             raise UserError(f'{path}.json has {len(meta)} entries, the manifest says {entry["pairs"]}; {REEXTRACT}')
         self._open[k] = (handle, meta)
@@ -259,6 +286,15 @@ class FeatureDataset(torch.utils.data.Dataset):
         """(num_pairs,) 32-way emotion labels of every pair (-1 unknown), read from each shard's label tensor."""
         return torch.cat([self._shard(k)[0].get_slice('label')[:] for k in range(len(self.shards))])
 
+    def nonfinite_pairs(self, indices: Sequence[int]) -> List[str]:
+        """Ids ('split/conversation/turn') of the pairs among ``indices`` with a NaN or infinite feature."""
+        bad = []
+        for i in indices:
+            item = self[i]
+            if nonfinite_rows({k: item[k][None] for k in TENSOR_DTYPES if item[k].is_floating_point()})[0]:
+                bad.append(pair_id(item['split'], item['conversation_id'], item['turn_id']))
+        return bad
+
     def locate(self, i: int):
         """(shard index, row) of pair i."""
         if not 0 <= i < len(self):
@@ -272,6 +308,16 @@ class FeatureDataset(torch.utils.data.Dataset):
         item = {key: handle.get_slice(key)[row:row + 1][0] for key in TENSOR_DTYPES}
         item.update(meta[row])
         return item
+
+
+def check_finite(dataset: FeatureDataset, indices: Sequence[int], what: str) -> None:
+    """Refuse a cache whose pairs ``indices`` hold NaN or infinite features (naming them and how to rebuild it)."""
+    bad = dataset.nonfinite_pairs(indices)
+    if bad:
+        raise UserError(f'non-finite (NaN/Inf) features in {len(bad)} pair(s) of {what}={dataset.root}: '
+                        f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}; re-extract it with '
+                        f'{reextract_command(dataset.root, dataset.manifest.get("split"), overwrite=True)}, which '
+                        'refuses such shards')
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ def not_weights(path: str) -> str:
         head = f.read(4096)
     if not head:
         return 'the file is empty'
+    if head[8:9] == b'{':  # a safetensors header whose stated length exceeds the file: cut short or damaged
+        return (f'it starts like a safetensors file, but its header claims {int.from_bytes(head[:8], "little")} '
+                f'bytes and the file has {os.path.getsize(path)}: it is cut short or damaged')
     try:
         text = head.decode('utf-8')
     except UnicodeDecodeError:
@@ -41,12 +44,21 @@ def not_weights(path: str) -> str:
            'checkpoint'
 
 
+REFUSED_PICKLE = 'Weights only load failed'  # how torch.load(weights_only=True) starts a refusal (2.4 to 2.13)
+
+
 def load_error(err: Exception) -> str:
-    """A loader's error in one short line (torch's refusal to unpickle objects is a paragraph)."""
-    found = re.search(r'WeightsUnpickler error: (.*?)(?:\s+Check the documentation|$)', str(err), re.S)
-    if found:
-        return f'it holds Python objects besides tensors ({found[1].strip()}), which are never unpickled'
-    lines = str(err).strip().splitlines()
+    """A loader's error in one short line; torch's refusal to unpickle an object (a paragraph whose wording changes
+    between versions) becomes the name of the blocked object."""
+    text = str(err)
+    if REFUSED_PICKLE in text:
+        blocked = re.search(r'GLOBAL ([\w.]+)', text)  # 'Unsupported global: GLOBAL x.y', 'unsupported GLOBAL x.y'
+        if blocked:
+            return f'it holds a pickled Python object ({blocked[1]}), which is never unpickled: only tensors are read'
+        detail = re.search(r'WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)', text, re.S)
+        return (f'it holds pickled data besides tensors ({detail[1].strip() if detail else "refused by torch.load"}),'
+                ' which is never unpickled')
+    lines = text.strip().splitlines()
     return f'{type(err).__name__}: {lines[0]}' if lines else type(err).__name__
 
 
@@ -76,6 +88,22 @@ def read_state_dict(path: str, what: str = 'checkpoint', how_to_get: str = '') -
         raise UserError(f'{what} {path} is not a flat dict of tensors ({other!r}: {type(sd[other]).__name__}, not a '
                         f'tensor).{hint}')
     return sd
+
+
+def not_a_file(path: str) -> str:
+    """What is at ``path`` instead of a readable file, for messages: a folder, a link loop, a broken link, nothing."""
+    if os.path.isdir(path):
+        return 'it is a folder, not an image file: name a file in it'
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return 'it is a symbolic link that leads back to itself (a loop): fix the link or name the file'
+            return f'it is a symbolic link to {os.readlink(path)}, which does not exist: fix the link'
+    if os.path.exists(path):
+        return 'it is not a regular file (a device, socket or pipe): name an image file'
+    return 'no such file'
 
 
 def read_rgb(path: str) -> Image.Image:

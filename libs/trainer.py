@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,7 +31,7 @@ from libs.distributed import full_tensor
 from libs.errors import UserError
 from libs.features import TENSOR_DTYPES, derive_seed, nonfinite_rows, pair_id
 from libs.hub import NNET_EXPORT
-from libs.io import atomic_write_json
+from libs.io import atomic_write_json, load_error
 from libs.uvit import NETS, build_nnet, checkpoint_config, load_nnet_weights
 
 logger = logging.getLogger(__name__)
@@ -156,6 +155,36 @@ def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config
     losses['emotion'] = F.cross_entropy(logits.float(), batch['label'], ignore_index=-1, reduction='none')
     losses['loss'] = losses['loss'] + config.train.emotion_weight * losses['emotion']
     return losses, logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective's inputs for measurements outside training (validation, libs/demo/measure.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def validation_randomness(positions: Sequence[int], config, N: int) -> dict:
+    """The fixed randomness of held-out pairs: their own ('val') stream of ``draw_randomness``, no speaker dropout."""
+    return draw_randomness(positions, config.seed, 'val', config, N, NO_DROPOUT)
+
+
+def speaker_condition(batch: dict, rand: dict, encode_text, config, N: int, present: bool) -> dict:
+    """The speaker segment as training feeds it: the clean turn at t = 0, or (``present=False``) the whole speaker
+    absent, Gaussian noise at t = N (DESIGN §2)."""
+    if not present:
+        return dict(img=rand['absent_img'], clip_img=rand['absent_clip'], text=rand['absent_text'],
+                    t_img=torch.full_like(rand['t_img'], N), t_text=torch.full_like(rand['t_img'], N))
+    return dict(img=sample_latent(batch['speaker_moments'], config.autoencoder.scale_factor, rand['speaker_latent']),
+                clip_img=batch['speaker_clip_img'], text=encode_text(batch['speaker_text'].float()),
+                t_img=torch.zeros_like(rand['t_img']), t_text=torch.zeros_like(rand['t_img']))
+
+
+def response_prediction(nnet, schedule, batch: dict, rand: dict, encode_text, config, cond: dict = None):
+    """The network's outputs for the pairs' noisy responses as the objective draws them (a posterior sample of the
+    face latent, independent timesteps for face and text); ``cond`` is a ``speaker_condition`` or None."""
+    response = (sample_latent(batch['response_moments'], config.autoencoder.scale_factor, rand['response_latent']),
+                batch['response_clip_img'], encode_text(batch['response_text'].float()))
+    data_type = torch.full_like(rand['t_img'], config.data_type) if NETS[config.nnet.name]['use_data_type'] else None
+    return noise_prediction(nnet, schedule, response, *(rand[k] for k in RAND_KEYS), data_type,
+                            **({} if cond is None else dict(cond=cond)))
 
 
 FEATURE_KEYS = tuple(k for k, dtype in TENSOR_DTYPES.items() if dtype.is_floating_point)
@@ -365,9 +394,37 @@ def save_checkpoint(run_dir, step, accelerator, nnet, ema, optimizer, scheduler,
     return final
 
 
-def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
-    """Restore model, EMA, optimizer, scheduler and RNG states from a checkpoint folder; returns its state dict."""
-    state = torch.load(os.path.join(path, 'training_state.pt'), map_location='cpu', weights_only=True)
+STATE_KEYS = ('step', 'data_position', 'optimizer', 'scheduler', 'num_processes')  # what save_checkpoint writes
+RNG_KEYS = ('torch', 'cuda', 'numpy', 'python')
+
+
+def read_training_state(path: str, process_index: int) -> Tuple[dict, Optional[dict]]:
+    """(training_state.pt, this process's rng-<i>.pt or None) of a checkpoint folder, unpickling tensors and plain
+    containers only; raises ValueError saying how a file differs from what ``save_checkpoint`` writes."""
+    files = {}
+    for name in ('training_state.pt', f'rng-{process_index}.pt'):
+        if os.path.isfile(os.path.join(path, name)):
+            try:
+                files[name] = torch.load(os.path.join(path, name), map_location='cpu', weights_only=True)
+            except Exception as err:  # a cut zip, a foreign pickle: whatever it is, it is not this checkpoint's
+                raise ValueError(f'{name}: {load_error(err)}') from err
+    state, rng = files.get('training_state.pt'), files.get(f'rng-{process_index}.pt')
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing or not isinstance(state['optimizer'], dict) or not isinstance(state['scheduler'], dict):
+        raise ValueError(f'training_state.pt is not a training state (a {type(state).__name__}; missing '
+                         f'{missing or "nothing"}, optimizer and scheduler must be dicts)')
+    if rng is not None and not (isinstance(rng, dict) and set(RNG_KEYS) <= set(rng) and
+                                isinstance(rng['torch'], torch.Tensor) and isinstance(rng['numpy'], dict)):
+        raise ValueError(f'rng-{process_index}.pt is not the RNG state training writes (a {type(rng).__name__})')
+    return state, rng
+
+
+def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler, saved: tuple = None) -> dict:
+    """Restore model, EMA, optimizer, scheduler and RNG states from a checkpoint folder; returns its state dict.
+
+    ``saved`` is ``read_training_state``'s result when the caller has read it already.
+    """
+    state, rng = saved or read_training_state(path, accelerator.process_index)
     options = StateDictOptions(full_state_dict=True)
     model_sd = load_file(os.path.join(path, 'nnet.safetensors'))
     ema_sd = load_file(os.path.join(path, 'nnet_ema.safetensors'))  # copied onto the EMA's device by loading
@@ -383,9 +440,8 @@ def load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler) -> dict:
     optimizer = getattr(optimizer, 'optimizer', optimizer)  # accelerate's wrapper -> the torch optimizer
     set_optimizer_state_dict(nnet, optimizer, state.pop('optimizer'), options=options)
     scheduler.load_state_dict(state.pop('scheduler'))
-    rng = os.path.join(path, f'rng-{accelerator.process_index}.pt')
-    if state['num_processes'] == accelerator.num_processes and os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=True))
+    if state['num_processes'] == accelerator.num_processes and rng is not None:
+        set_rng_state(rng)
     else:
         logger.warning('%s was written by %d processes, this run has %d: global RNG streams restart (the data '
                        'order and all per-pair randomness still continue exactly)', path, state['num_processes'],
@@ -428,39 +484,38 @@ def changed_settings(before: dict, now: dict) -> Tuple[List[str], List[str]]:
     return [c for k, c in changes if is_fixed(k)], [c for k, c in changes if not is_fixed(k)]
 
 
-def checkpoint_problem(path: str, process_index: int) -> Optional[str]:
-    """Why a checkpoint folder cannot be loaded (a cut, emptied or unreadable file), or None; reads headers only."""
+def checkpoint_problem(path: str, process_index: int) -> Tuple[Optional[str], Optional[tuple]]:
+    """(why a checkpoint folder cannot be loaded, or None; ``read_training_state``'s result when it can). A cut,
+    emptied or unreadable file, or a training_state.pt / rng-<i>.pt that is not what training wrote, is a problem."""
     from safetensors import safe_open
     try:
         with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
             if not isinstance(json.load(f), dict):
-                return 'config.json is not a config'
+                return 'config.json is not a config', None
         for name in ('nnet.safetensors', 'nnet_ema.safetensors'):
             with safe_open(os.path.join(path, name), 'pt') as f:
                 f.keys()
-        for name in ('training_state.pt', f'rng-{process_index}.pt'):
-            if os.path.isfile(os.path.join(path, name)):  # torch.save writes a zip: a cut file lacks its directory
-                zipfile.ZipFile(os.path.join(path, name)).close()
+        return None, read_training_state(path, process_index)
     except Exception as err:  # whatever the damage, the checkpoint is skipped and the reason logged
-        return f'{type(err).__name__}: {err}'
-    return None
+        return f'{type(err).__name__}: {err}', None
 
 
-def newest_loadable_checkpoint(run_dir: str, accelerator) -> Optional[str]:
-    """The newest complete checkpoint every process can read; each broken one is logged and skipped."""
+def newest_loadable_checkpoint(run_dir: str, accelerator) -> Tuple[Optional[str], Optional[tuple]]:
+    """(the newest complete checkpoint every process can read, its training state); each broken one is logged and
+    skipped."""
     from accelerate.utils import gather_object
     steps = checkpoints(run_dir)
     for step in reversed(steps):
         path = os.path.join(run_dir, 'ckpts', f'{step}.ckpt')
-        problem = checkpoint_problem(path, accelerator.process_index)
+        problem, saved = checkpoint_problem(path, accelerator.process_index)
         problems = [p for p in (gather_object([problem]) if accelerator.num_processes > 1 else [problem]) if p]
         if not problems:
-            return path
+            return path, saved
         logger.warning('skipping checkpoint %s, it does not load: %s', path, problems[0])
     if steps:
         raise UserError(f'no checkpoint of {run_dir} loads (see the warnings above): move {run_dir}/ckpts away to '
                         'start the run over, or choose another config.name')
-    return None
+    return None, None
 
 
 def apply_free_settings(optimizer, scheduler, fresh_groups: List[dict]) -> None:
@@ -500,12 +555,12 @@ def resume(run_dir, config, accelerator, nnet, ema, optimizer, scheduler, digest
     weight decay, warm-up); a change of the training features is refused (``check_resumable`` has compared the
     other settings).
     """
-    path = newest_loadable_checkpoint(run_dir, accelerator)
+    path, saved = newest_loadable_checkpoint(run_dir, accelerator)
     if path is None:
         return None
     fresh = [{k: v for k, v in g.items() if k != 'params'} for g in getattr(optimizer, 'optimizer', optimizer)
              .param_groups]
-    state = load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler)
+    state = load_checkpoint(path, accelerator, nnet, ema, optimizer, scheduler, saved)
     if state.get('train_features', digest) != digest:
         raise UserError(f'cannot resume {run_dir}: the training features in {config.data.train} changed since '
                         f'{path} was written (re-extracted?). Restore them, or start a new run with another '
@@ -546,8 +601,13 @@ def export_ema(run_dir: str, state: dict, newest_step: int, write=link_or_copy) 
     source, tmp = os.path.join(run_dir, info['checkpoint'], EXPORT), path + '.tmp'
     if os.path.exists(tmp):
         os.remove(tmp)
-    write(source, tmp)
-    os.replace(tmp, path)
+    try:
+        write(source, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: the old export stays whole and no half file is left beside it
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     atomic_write_json(meta, info)
     return info
 
@@ -587,8 +647,7 @@ def evaluate(nets: dict, val_set, indices: Sequence[int], batch_size: int, accel
     for s in range(0, n_local, batch_size):
         chunk = mine[s:s + batch_size]
         batch = to_device(torch.utils.data.default_collate([val_set[i] for i in chunk]), accelerator.device)
-        rand = to_device(draw_randomness(chunk, config.seed, 'val', config, schedule.N, NO_DROPOUT),
-                         accelerator.device)
+        rand = to_device(validation_randomness(chunk, config, schedule.N), accelerator.device)
         labels.append(batch['label'])
         for name, net in nets.items():
             was_training = net.training

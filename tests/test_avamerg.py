@@ -2,6 +2,7 @@
 import collections
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -486,3 +487,45 @@ def test_repeated_pair_ids_are_skipped(tmp_path):
     data = AvaMERG(str(tmp_path), val_fraction=0)
     assert [p.pair_id for p in data.pairs] == ['train/00005/0', 'train/00006/0']
     assert dict(data.skipped) == {'duplicate_pair_id': 1}
+
+
+def test_unknown_emotion_words_are_one_warning_saying_how_many_and_which(tmp_path, caplog):
+    _write(str(tmp_path), [_dialogue('12345', ['anxious', 'tired', 'bananas', 'Tired', 'jealous'])])
+    with caplog.at_level(logging.WARNING, logger='libs.avamerg'):
+        AvaMERG(str(tmp_path), val_fraction=0)
+    warnings = [r.getMessage() for r in caplog.records if 'emotion word' in r.getMessage()]
+    assert warnings == ["AvaMERG train: 3 turns have an emotion word outside the 32 EmpatheticDialogues classes and "
+                        "its synonyms, so no emotion label (-1, no emotion loss): 'tired' (2), 'bananas' (1)"]
+
+
+def test_gold_file_beside_a_goldless_test_json_is_pointed_out(tmp_path, caplog):
+    root = str(tmp_path / 'separate')
+    make_dataset(root, seed=7, dialogues=1, test_dialogues=2, size=TINY, test_gold='separate')
+    gold_path = os.path.join(root, GOLD_FILE)
+    hint = lambda: [r.getMessage() for r in caplog.records if 'test_gold' in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger='libs.avamerg'):
+        AvaMERG(root, 'test')
+    assert hint() == [f'AvaMERG test: {os.path.join(root, "test", "test.json")} has no gold responses or emotions, '
+                      f'but {gold_path} beside it may: pass --config.data.test_gold={gold_path} to join it (metrics '
+                      'that need gold are not computed without it)']
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='libs.avamerg'):
+        AvaMERG(root, 'test', gold_path=gold_path)   # joined: nothing to point out
+    assert hint() == []
+
+
+def test_media_folders_are_searched_first_to_last(tmp_path):
+    """A stem in several folders is read from the first folder of the search order (configured folders first)."""
+    root = str(tmp_path)
+    _write(root, [_dialogue('12345', ['anxious'])])   # image_v5_0: red faces
+    later, configured = (os.path.join(root, *d.split('/')) for d in ('train_image/image_v5_0', 'faces'))
+    for folder, colour in ((later, (0, 200, 0)), (configured, (0, 0, 200))):
+        os.makedirs(folder)
+        for stem in ('dia12345utt0_7', 'dia12345utt1_8'):
+            Image.new('RGB', (8, 8), colour).save(os.path.join(folder, stem + '.png'))
+    assert [d for d, _ in MEDIA_DIRS['train']].index('image_v5_0') < [d for d, _ in MEDIA_DIRS['train']].index(
+        'train_image/image_v5_0')
+    data = AvaMERG(root, val_fraction=0)
+    assert data.load_face('dia12345utt1_8').getpixel((0, 0)) == (1, 0, 0)   # image_v5_0 (index 1), not the later one
+    data = AvaMERG(root, val_fraction=0, media_dirs=['faces'])
+    assert data.load_face('dia12345utt1_8').getpixel((0, 0)) == (0, 0, 200)

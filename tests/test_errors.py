@@ -27,7 +27,8 @@ import sample_multi
 import train_empath
 from common import tiny
 from configs.extract_tiny import get_config as extraction_config
-from libs import cli, io, runlock, trainer
+from libs import cli, config_check, io, runlock, trainer, training_loop
+from libs.errors import UserError
 from libs.features import finished_shards
 from libs.synthetic import make_dataset
 # The tiny components and feature caches of the training tests, and their one-thread setting (fixtures).
@@ -167,6 +168,7 @@ def test_missing_or_raising_config_file(tmp_path, capsys):
     ('train.batch_size', '0', 'integer >= 1'), ('train.ckpt_every', '0', 'integer >= 1'),
     ('train.log_every', '0', 'integer >= 1'), ('train.ema_rate', '2.0', '< 1'), ('train.n_steps', '-5', '>= 1'),
     ('train.p_drop_both', '0.95', 'at most 1'), ('train.batch_size', '9', 'not divisible by train.grad_accum'),
+    ('seed', '-1', 'seed=-1 (must be a whole number from 0 to 9223372036854775807)'),
 ])
 def test_bad_config_values_are_refused_before_anything_is_built(key, value, wanted, tiny_root, tmp_path, capsys):
     extra = ['--config.train.grad_accum=2'] if 'divisible' in wanted else []
@@ -174,6 +176,21 @@ def test_bad_config_values_are_refused_before_anything_is_built(key, value, want
                                         f'--config.{key}={value}', *extra], capsys)
     assert_user_error(code, err, key.split('.')[-1], wanted)
     assert os.listdir(tmp_path) == []  # not even the run folder
+
+
+@pytest.mark.parametrize('seed', [-1, 0, 7, 2 ** 63])
+def test_one_seed_rule_for_configs_and_the_web_app(seed, tiny_root):
+    import app
+    config = tiny_config(tiny_root, 'unused')
+    config.seed = seed
+    refused_by_config = any(p.startswith('seed=') for p in config_check.problems(config, 'model'))
+    try:
+        app.request_config(config, 4, float(seed))
+        refused_by_app = False
+    except UserError as err:
+        refused_by_app = True
+        assert str(err) == f'the seed must be a whole number from 0 to {2 ** 63 - 1}, got {float(seed):g}'
+    assert refused_by_config == refused_by_app == (seed < 0 or seed >= 2 ** 63)
 
 
 def test_sampling_config_is_checked(tiny_models, tmp_path, capsys):
@@ -239,7 +256,7 @@ def test_killed_metrics_rewrite_keeps_the_history(tiny_root, run_copy, monkeypat
         raise SystemExit('killed')   # stands in for SIGKILL between the write and the rename
     monkeypatch.setattr(os, 'fsync', die)
     with pytest.raises(SystemExit):
-        train_empath.truncate_metrics(str(run / 'metrics.jsonl'), 2)
+        training_loop.truncate_metrics(str(run / 'metrics.jsonl'), 2)
     assert (run / 'metrics.jsonl').read_bytes() == before and before.count(b'\n') == len(read_metrics(run)) > 4
 
 
@@ -258,6 +275,41 @@ def test_resume_falls_back_over_a_corrupt_checkpoint(tiny_root, run_copy, capsys
     code, err = run_call(train_empath.train, capsys, run_config(tiny_root, workdir, n_steps=8))
     assert_user_error(code, err, 'no checkpoint of', 'loads')
     assert_unchanged(before, snapshot(run))
+
+
+
+class NotATensor:
+    """A class a hostile or foreign checkpoint might pickle (torch.load(weights_only=True) refuses it)."""
+
+
+def foreign_file(kind):
+    """What a training_state.pt / rng-0.pt that training did not write may hold, and the words its warning names."""
+    if kind == 'object':
+        return {'step': 4, 'args': argparse.Namespace(lr=1e-4)}, 'argparse.Namespace'
+    if kind == 'callable':
+        return {'step': 4, 'hook': NotATensor}, 'NotATensor'
+    if kind == 'list':
+        return [torch.zeros(2)], 'a list'
+    return {'torch': torch.zeros(2)}, 'missing'   # a dict of tensors of the wrong structure
+
+
+@pytest.mark.parametrize('name', ['training_state.pt', 'rng-0.pt'])
+@pytest.mark.parametrize('kind', ['object', 'callable', 'list', 'structure'])
+def test_resume_skips_a_checkpoint_file_training_did_not_write(name, kind, tiny_root, run_copy):
+    """Not a cut file but a foreign one: reported and skipped for the previous checkpoint, never a traceback."""
+    workdir, run = run_copy
+    content, named = foreign_file(kind)
+    if name == 'rng-0.pt' and kind == 'structure':
+        named = 'not the RNG state'
+    elif name == 'rng-0.pt' and kind == 'list':
+        named = 'not the RNG state training writes (a list)'
+    torch.save(content, run / 'ckpts' / '4.ckpt' / name)
+    state = train_empath.train(run_config(tiny_root, workdir, n_steps=6))
+    log = (run / 'log.txt').read_text()
+    warning = next(line for line in log.splitlines() if 'skipping checkpoint' in line)
+    assert '4.ckpt' in warning and name in warning and named in warning, warning
+    assert 'Weights only load failed' not in log   # torch's paragraph is summed up by the blocked object's name
+    assert 'resumed from step 2' in log and state['step'] == 6
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,6 +383,50 @@ def test_nan_features_stop_training_naming_the_pair(tiny_root, tmp_path, capsys)
     config.data.update(train=features, val='')
     code, err = run_call(train_empath.train, capsys, config)
     assert_user_error(code, err, 'non-finite (NaN/Inf) features', 'train/00003/0', 're-extract')
+
+
+
+def train_argv(tiny_root, workdir, **data):
+    """train_empath.py's command line for the tiny config with config.data overrides."""
+    return [f'--config=configs/avamerg_tiny.py:{tiny_root}', f'--config.workdir={workdir}',
+            *(f'--config.data.{k}={v}' for k, v in data.items())]
+
+
+@pytest.mark.parametrize('damage', ['truncated shard', 'corrupt manifest', 'manifest a list'])
+def test_damaged_feature_cache_is_one_line_naming_the_file_and_the_command(damage, tiny_root, tmp_path, capsys):
+    folder = tmp_path / 'train'
+    cache(tiny_root, folder, lambda t: None)
+    if damage == 'truncated shard':
+        path = folder / 'shard-00000.safetensors'
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])   # a copy cut short
+    else:
+        path = folder / 'manifest.json'
+        path.write_text('[1, 2]' if damage == 'manifest a list' else path.read_text()[:40])
+    code, err = run_main(train_empath, train_argv(tiny_root, tmp_path / 'work', train=folder, val=''), capsys)
+    assert_user_error(code, err, f'{path} is damaged', 'extract_features.py', '--split=train')
+    assert not (tmp_path / 'work' / 'avamerg_tiny' / 'ckpts').exists()
+
+
+def test_nonfinite_validation_features_are_refused(tiny_root, tmp_path, capsys):
+    """A NaN in the validation cache would make every validation loss NaN and checkpoint selection meaningless."""
+    config = tiny_config(tiny_root, tmp_path)
+    val = tmp_path / 'val'
+    write_features(str(val), config, 16, 16, torch.Generator().manual_seed(0), split='val')
+    rewrite_shards(val, lambda t: t['response_text'][5].fill_(float('inf')))
+    code, err = run_main(train_empath, train_argv(tiny_root, tmp_path / 'work', val=val), capsys)
+    assert_user_error(code, err, 'non-finite (NaN/Inf) features in 1 pair(s) of config.data.val', 'val/00005/0',
+                      '--split=val --overwrite')
+    assert not (tmp_path / 'work' / 'avamerg_tiny' / 'metrics.jsonl').exists()
+
+
+def test_metrics_are_strict_json_whatever_the_values(tmp_path):
+    """A non-finite metric is written as null: json.loads in strict mode (and jq, pandas) read every line."""
+    path = str(tmp_path / 'metrics.jsonl')
+    training_loop.append_metrics(path, {'step': 3, 'val/ema/loss': float('nan'), 'grad_norm': float('inf'),
+                                        'loss': 0.5})
+    line = open(path).read()
+    strict = json.loads(line, parse_constant=lambda name: pytest.fail(f'bare {name} token in {line!r}'))
+    assert strict == {'step': 3, 'val/ema/loss': None, 'grad_norm': None, 'loss': 0.5}
 
 
 def test_all_unknown_labels_are_refused(tiny_root, tmp_path, capsys):
@@ -513,7 +609,7 @@ def wrong_nnet_file(kind, folder, tiny_models):
         return path, ['the file is empty']
     if kind == 'objects.pth':   # a training script's checkpoint with its arguments: never unpickled
         torch.save({'model': {'w': torch.zeros(2)}, 'args': argparse.Namespace(lr=1e-4)}, path)
-        return path, ['holds Python objects besides tensors']
+        return path, ['holds a pickled Python object (argparse.Namespace), which is never unpickled']
     if kind == 'bad_config.safetensors':   # an export-like file whose stored nnet config cannot build a U-ViT
         save_file({'w': torch.zeros(2)}, path, metadata={'config': json.dumps({'nnet': {'name': 'uvit_empath'}})})
         return path, ['the nnet config stored in', 'does not describe a U-ViT', 'img_size']

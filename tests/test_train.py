@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import train_empath
 from configs.avamerg_tiny import get_config
@@ -154,6 +154,20 @@ def test_speaker_dropout_shares_match_the_configured_probabilities():
     for bad in (dict(p_drop_face=-0.1), dict(p_drop_both=0.95)):
         with pytest.raises(UserError, match='p_drop'):
             trainer.speaker_dropout(dict(config.train, **bad))
+
+
+@pytest.mark.parametrize('face,text,both', [(0.3, 0.1, 0.05), (0.05, 0.25, 0.15)])
+def test_unequal_dropout_shares_go_to_the_modality_they_name(face, text, both):
+    """Face-only, text-only and whole-speaker dropout each at its own rate (the defaults' equal shares would not
+    notice two of them swapped)."""
+    config = get_config('unused')
+    config.train.update(p_drop_face=face, p_drop_text=text, p_drop_both=both)
+    drop, n = trainer.speaker_dropout(config.train), 4000
+    rand = trainer.draw_randomness(range(n), 0, 'train', config, 1000, drop)
+    ki, kt = rand['keep_img'], rand['keep_text']
+    shares = dict(face=(~ki & kt).float().mean(), text=(ki & ~kt).float().mean(), both=(~ki & ~kt).float().mean())
+    for k, p in dict(face=face, text=text, both=both).items():
+        assert abs(shares[k] - p) < 4 * (p * (1 - p) / n) ** 0.5, (k, float(shares[k]), p)
 
 
 def test_ema_warmup():
@@ -332,6 +346,33 @@ def test_unconditional_network_trains_the_joint_unidiffuser_objective(tiny_root,
     assert state['best_step'] in (30, 60) and not os.path.isdir(os.path.join(run, 'samples'))
 
 
+def test_ema_export_replaces_the_old_file_atomically(tmp_path):
+    """A new export is written beside the old one and renamed over it: a write that fails half-way leaves the old
+    export whole, and a reader holding the old file keeps reading the old bytes."""
+    run = tmp_path / 'run'
+    for step, fill in ((2, 1.), (4, 2.)):
+        os.makedirs(run / 'ckpts' / f'{step}.ckpt')
+        save_file({'w': torch.full((256,), fill)}, str(run / 'ckpts' / f'{step}.ckpt' / trainer.EXPORT))
+    state = dict(best_step=-1, best_val_loss=float('inf'))
+    trainer.export_ema(str(run), state, 2)
+    old = (run / trainer.EXPORT).read_bytes()
+    reader = open(run / trainer.EXPORT, 'rb')
+
+    def half_then_fail(source, dest):
+        with open(source, 'rb') as f, open(dest, 'wb') as out:
+            out.write(f.read()[:100])
+        raise OSError(28, 'No space left on device', dest)
+    with pytest.raises(OSError):
+        trainer.export_ema(str(run), state, 4, write=half_then_fail)
+    assert (run / trainer.EXPORT).read_bytes() == old and sorted(os.listdir(run)) == sorted(
+        ['ckpts', trainer.EXPORT, trainer.EXPORT_INFO])
+    assert json.loads((run / trainer.EXPORT_INFO).read_text())['step'] == 2
+    trainer.export_ema(str(run), state, 4)
+    assert torch.equal(load_file(str(run / trainer.EXPORT))['w'], torch.full((256,), 2.))
+    assert reader.read() == old   # the old inode, untouched
+    reader.close()
+
+
 def test_prune_keeps_the_newest_and_the_best(tmp_path):
     for step in (10, 20, 30, 40, 50):
         os.makedirs(tmp_path / 'ckpts' / f'{step}.ckpt')
@@ -493,3 +534,21 @@ def test_nonfinite_guard_stops_with_exit_code_and_skips_updates(tiny_root, tmp_p
     for name in ('nnet.safetensors', 'nnet_ema.safetensors'):
         a, b = (load_file(os.path.join(run, 'ckpts', f'{s}.ckpt', name)) for s in (2, 4))
         assert all(torch.equal(a[k], b[k]) for k in a), f'{name} changed during skipped steps'
+
+
+HELP_IMPORTS = '''
+import runpy, sys
+sys.argv = ['train_empath.py', '--help']
+try:
+    runpy.run_path('train_empath.py', run_name='__main__')
+except SystemExit as exit_:
+    print(exit_.code, sorted(m for m in ('torch', 'transformers', 'diffusers', 'accelerate') if m in sys.modules))
+'''
+
+
+def test_help_exits_0_without_heavy_imports():
+    """train_empath.py is flags + a call: --help imports none of torch, transformers, diffusers, accelerate."""
+    done = subprocess.run([sys.executable, '-c', HELP_IMPORTS], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == '0 []', done.stdout[-2000:] + done.stderr[-2000:]
+    assert '--config' in done.stdout and '--[no]dry_run' in done.stdout

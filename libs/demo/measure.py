@@ -208,23 +208,14 @@ def output_difference(empath_net, plain_net, config, features: str, pairs: int) 
     data, schedule = FeatureDataset(features), Schedule(stable_diffusion_betas())
     indices = list(range(min(pairs, len(data))))
     batch = torch.utils.data.default_collate([data[i] for i in indices])
-    rand = trainer.draw_randomness(indices, config.seed, 'val', config, schedule.N, trainer.NO_DROPOUT)
-    decoder = trainer.load_text_reducer(config, 'cpu')
-    scale, N = config.autoencoder.scale_factor, schedule.N
-    speaker = dict(img=trainer.sample_latent(batch['speaker_moments'], scale, rand['speaker_latent']),
-                   clip_img=batch['speaker_clip_img'], text=decoder.encode_prefix(batch['speaker_text'].float()),
-                   t_img=torch.zeros_like(rand['t_img']), t_text=torch.zeros_like(rand['t_img']))
-    absent = dict(img=rand['absent_img'], clip_img=rand['absent_clip'], text=rand['absent_text'],
-                  t_img=torch.full_like(rand['t_img'], N), t_text=torch.full_like(rand['t_img'], N))
-    response = (trainer.sample_latent(batch['response_moments'], scale, rand['response_latent']),
-                batch['response_clip_img'], decoder.encode_prefix(batch['response_text'].float()))
-    draws = [rand[k] for k in trainer.RAND_KEYS]
-    data_type = torch.full_like(rand['t_img'], config.data_type)
+    rand = trainer.validation_randomness(indices, config, schedule.N)
+    encode_text = trainer.load_text_reducer(config, 'cpu').encode_prefix
     empath_net.eval(), plain_net.eval()
-    plain = trainer.noise_prediction(plain_net, schedule, response, *draws, data_type)
+    plain = trainer.response_prediction(plain_net, schedule, batch, rand, encode_text, config)
     result = dict(pairs=len(indices))
-    for name, cond in (('speaker', speaker), ('no_speaker', absent)):
-        out = trainer.noise_prediction(empath_net, schedule, response, *draws, data_type, cond=cond)[:3]
+    for name, present in (('speaker', True), ('no_speaker', False)):
+        cond = trainer.speaker_condition(batch, rand, encode_text, config, schedule.N, present)
+        out = trainer.response_prediction(empath_net, schedule, batch, rand, encode_text, config, cond)[:3]
         result[name] = {k: (a - b).abs().max().item() for k, a, b in zip(('img', 'clip_img', 'text'), out, plain)}
         result[f'{name}_max'] = max(result[name].values())
     return result
