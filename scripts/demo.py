@@ -247,9 +247,9 @@ def read_outputs(config, run, folder):
 def evaluate(config, run, folder, nnet, features, untrained=False):
     """eval_avamerg.py at the config's sampling setting, then both instruments on its outputs; `untrained` evaluates
     a network whose speaker path has not been trained yet (the fine-tune's starting point)."""
-    import eval_avamerg
+    from libs import evaluation
     line = eval_command(config, run, nnet, features, folder, *(['--allow_untrained_condition'] if untrained else []))
-    summary = eval_avamerg.evaluate(config, nnet, 'test', features, config.demo.eval.pairs, True, folder,
+    summary = evaluation.evaluate(config, nnet, 'test', features, config.demo.eval.pairs, True, folder,
                                     config.demo.eval.batch_size, allow_untrained_condition=untrained)
     return dict(commands=[line], metrics=summary['metrics'], reads=read_outputs(config, run, folder),
                 settings={k: summary[k] for k in ('checkpoint', 'samples', 'sample_steps', 'guidance_scale', 'seed')})
@@ -267,14 +267,13 @@ def trained_nnet(config, online=False) -> str:
 def sweep(config, run, folder):
     """The fine-tuned network over guidance scales x step counts (eval_avamerg.py --scales --steps), both instruments
     on every setting; the config's own setting is one of them, the one the learning table reports."""
-    import eval_avamerg
-
+    from libs import evaluation
     from libs.demo import measure
     cfg, nnet, ev = config.demo.sweep, trained_nnet(config), config.demo.eval
     line = eval_command(config, run, nnet, config.data.test, folder,
                         f'--scales={",".join(f"{s:g}" for s in cfg.scales)}',
                         f'--steps={",".join(map(str, cfg.steps))}')
-    rows = eval_avamerg.evaluate_sweep(config, list(cfg.scales), list(cfg.steps), nnet, 'test', config.data.test,
+    rows = evaluation.evaluate_sweep(config, list(cfg.scales), list(cfg.steps), nnet, 'test', config.data.test,
                                        ev.pairs, True, folder, ev.batch_size)
     default = f'scale{config.sample.scale:g}_steps{config.sample.sample_steps}'
     if default not in [r['setting'] for r in rows]:
