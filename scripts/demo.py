@@ -306,6 +306,18 @@ def online(config, run, folder):
     return evaluate(config, run, folder, trained_nnet(config, online=True), config.data.test)
 
 
+def baselines(config, run, folder):
+    """The evaluation's baselines on the same held-out pairs (the speaker copied, the nearest training response in
+    CLIP text space, the fine-tuned network without speaker guidance), every number with its bootstrap interval."""
+    from libs import evaluation
+    names, ev, nnet = ('copy_speaker', 'retrieval', 'no_guidance'), config.demo.eval, trained_nnet(config)
+    line = eval_command(config, run, nnet, config.data.test, folder, f'--baselines={",".join(names)}')
+    summary = evaluation.evaluate(config, nnet, 'test', config.data.test, ev.pairs, True, folder, ev.batch_size,
+                                  baselines=list(names))
+    return dict(commands=[line], rows=summary['baselines'], bootstrap=summary['bootstrap'], pairs=summary['samples'],
+                expression_classifier=summary['expression_classifier'])
+
+
 def modes(config, run, folder):
     """UniDiffuser's t2i and i2t with the pre-trained network and with the fine-tuned one (no speaker)."""
     from libs.demo import measure
@@ -353,6 +365,8 @@ STAGES = (
     ('pretrained', pretrained, 'finetune', EVAL_KEYS, ('init', 'classifier'),
      'control: the fine-tune\'s starting point, the pre-trained network'),
     ('online', online, 'finetune', EVAL_KEYS, ('train', 'classifier'), 'the online network against its EMA'),
+    ('baselines', baselines, 'finetune', EVAL_KEYS, ('train',),
+     'baselines scored by the same code: the speaker copied, retrieval, no speaker guidance'),
     ('modes', modes, 'finetune', ('seed', 'sample', 'demo.modes'), ('train', 'classifier'),
      'UniDiffuser\'s t2i and i2t before and after fine-tuning'),
 )

@@ -438,7 +438,7 @@ def test_features_without_gold(tiny_models, data, features, tmp_path):
     m = summary['metrics']
     assert summary['samples'] == len(records) and m['bleu4'] is None and m['sentence_bleu'] is None
     assert m['emotion']['fine_acc'] is None and m['dist1'] is not None
-    assert set(summary['not_computed']) == {'fid', 'bleu', 'emotion'}
+    assert set(summary['not_computed']) == {'fid', 'bleu', 'emotion', 'expression'}
     report = (tmp_path / 'none' / 'report.md').read_text()
     assert 'not computed: bleu: no pair has a gold response' in report and 'BLEU-1 / 2 / 3 / 4' in report
     assert not (tmp_path / 'none' / 'confusion_32.png').exists()
@@ -484,6 +484,7 @@ def test_two_processes_equal_one(baseline, tiny_models, data, inception, tmp_pat
     result = subprocess.run([accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
                              '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(port),
                              str(script), f'--config={CONFIG_FILE}:{tiny_models}', f'--config.data.root={data}',
+                             '--config.eval.expression_classifier=none',
                              f'--batch_size={BATCH}', f'--output_path={tmp_path / "out"}', '--scales=7', '--steps=4'],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -73,6 +73,17 @@ def sentence_embedding(states):
     return torch.nn.functional.normalize(states.float().mean(1), dim=-1)
 
 
+def train_cache(config):
+    """The training split's feature cache the retrieval searches (config.data.train), checked without loading it."""
+    folder = config.data.get('train')
+    if not folder or not os.path.isdir(folder):
+        raise UserError(f'the retrieval baseline searches the training pairs\' feature cache, and '
+                        f'config.data.train={folder!r} is not one: set it to the train split\'s cache '
+                        '(extract_features.py --split=train) or leave retrieval out of --baselines')
+    generate.check_feature_split(folder, 'train')
+    return folder
+
+
 class TrainResponses:
     """The training split's speaker-utterance embeddings and responses, read shard by shard from its feature cache."""
 
@@ -81,12 +92,7 @@ class TrainResponses:
 
         from libs import avamerg
         from libs.features import FeatureDataset
-        folder = config.data.get('train')
-        if not folder or not os.path.isdir(folder):
-            raise UserError(f'the retrieval baseline searches the training pairs\' feature cache, and '
-                            f'config.data.train={folder!r} is not one: set it to the train split\'s cache '
-                            '(extract_features.py --split=train) or leave retrieval out of --baselines')
-        generate.check_feature_split(folder, 'train')
+        folder = train_cache(config)
         self.comp, self.data, self.meta, chunks = ev.comp, FeatureDataset(folder), [], []
         for shard in self.data.shards:
             with safe_open(os.path.join(folder, shard['name'] + '.safetensors'), 'pt') as f:

@@ -68,8 +68,9 @@ def guidance_text(summary):
 def bootstrap_note(b):
     """One sentence saying how the intervals were made."""
     return (f'{round(100 * b["confidence"])}% percentile bootstrap intervals over pairs ({b["resamples"]} resamples, '
-            f'seed {b["seed"]}); FID: the spread of FID over {b["fid_resamples"]} resampled pair sets, which sits '
-            'above the full-set value (a resample repeats pairs, and FID grows as a set loses diversity)')
+            f'seed {b["seed"]}); FID (over {b["fid_resamples"]} resampled pair sets) and corpus Dist-n are set '
+            'statistics that a resample repeating pairs biases, so their intervals are shifted by the bootstrap\'s '
+            'bias estimate')
 
 
 def write_figures(out, source, records):

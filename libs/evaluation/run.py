@@ -75,6 +75,8 @@ def prepare(config, output_path, nnet_path=None, split='test', features=None, li
     chosen = baseline_registry.get(list(baselines))
     if features:  # a cache of another split is refused before anything is loaded
         generate.check_feature_split(features, split)
+    if any(b.name == 'retrieval' for b in chosen):
+        baseline_registry.train_cache(config)
     what = f'evaluating {hub.nnet_ref(config, nnet_path)}'
     pipeline.check_speaker_network(what, config, nnet_path, fetched=False)  # before anything is fetched
     hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
