@@ -14,10 +14,29 @@ from libs.autoencoder import center_crop_resize
 from libs.avamerg import AvaMERG
 from libs.errors import UserError
 from libs.evaluation import baselines, generate, score
-from test_eval import BATCH, data, features, read_jsonl, results, tiny_config  # noqa: F401 (fixtures)
+from libs.synthetic import make_dataset
+from test_eval import BATCH, read_jsonl, results, tiny_config
 
 NAMES = ('copy_speaker', 'retrieval', 'shuffled_speaker', 'no_guidance')
 SIZE = 32  # the tiny config's resolution
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """A synthetic AvaMERG whose test pairs come from three conversations (the shuffle needs no majority)."""
+    root = str(tmp_path_factory.mktemp('avamerg'))
+    make_dataset(root, seed=12, dialogues=1, test_dialogues=3, size=64)
+    return root
+
+
+@pytest.fixture(scope='module')
+def features(tiny_models, data, tmp_path_factory):
+    """The test split's feature cache."""
+    from extract_features import extract
+    config = tiny_config(tiny_models, data)
+    config.data.update(test=str(tmp_path_factory.mktemp('features') / 'test'), num_workers=0)
+    extract(config, 'test')
+    return config.data.test
 
 
 @pytest.fixture(scope='module')
@@ -130,8 +149,8 @@ def test_shuffled_source_moves_every_speaker_input():
     assert np.array_equal(shuffled.speaker_text_states([1]), [300])
     assert shuffled.face(0, 'speaker') == ('speaker', 2) and shuffled.face(0, 'response') == ('response', 0)
     assert [p['speaker_text'] for p in shuffled.pairs] == ['t2', 't0', 't1']
-    with pytest.raises(UserError, match='at least two conversations'):
-        baselines.derangement(['a', 'a', 'a'], seed=0)
+    with pytest.raises(UserError, match='one conversation holds 2 of them'):
+        baselines.derangement(['a', 'a', 'b'], seed=0)
 
 
 def test_no_guidance_is_scale_zero(evaluated, features, tmp_path):

@@ -8,9 +8,9 @@
   scores as the model does, one that follows it falls to chance;
 - ``no_guidance``: the network with speaker guidance off (scale 0: the conditional prediction alone).
 """
+import collections
 import dataclasses
 import json
-import logging
 import os
 import random
 import time
@@ -21,8 +21,6 @@ import torch
 from libs.avamerg import label_index
 from libs.errors import UserError
 from libs.evaluation import generate
-
-logger = logging.getLogger(__name__)
 
 EMBED_CHUNK = 256  # speaker utterances embedded per step for the retrieval (memory, not results)
 
@@ -149,8 +147,10 @@ def derangement(conversations, seed, tries=10000):
             p[a] = b
         if all(conversations[p[i]] != conversations[i] for i in range(n)):
             return p
-    raise UserError(f'the shuffled-speaker baseline needs pairs from at least two conversations; these {n} pairs '
-                    'come from one: evaluate more pairs (--limit) or leave shuffled_speaker out of --baselines')
+    largest = max(collections.Counter(conversations).values())
+    raise UserError(f'the shuffled-speaker baseline answers every pair from another conversation, which these {n} '
+                    f'pairs do not allow (one conversation holds {largest} of them, more than half): evaluate more '
+                    'pairs (--limit) or leave shuffled_speaker out of --baselines')
 
 
 class ShuffledSource:

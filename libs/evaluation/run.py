@@ -198,7 +198,7 @@ def summarize(ev, config, out, source, records, settings, baseline, generated, s
                    not_computed=score.not_computed(gold, note, fid, selected, expression_note),
                    metrics=score.finite(dict(fid=fid, **score.score(selected))),
                    expression_classifier=None if ev.expression is None else ev.expression.name,
-                   bootstrap=b, intervals=intervals(uncertainty.PairStatistics(selected, features), b),
+                   bootstrap=b, intervals=intervals(uncertainty.PairStatistics(selected, features, ev.acc.device), b),
                    run=dict(processes=ev.acc.num_processes, generated=generated, resumed=n - generated,
                             batch_size=ev.batch_size, seconds=round(time.time() - started, 1),
                             device=str(ev.acc.device)))
@@ -217,6 +217,7 @@ def evaluate(config, nnet_path=None, split='test', features=None, limit=None, sk
 
     Returns metrics.json's dict (with the baselines table's rows under 'baselines' if any ran); None off-main.
     """
+    config_check.check(config, 'eval')
     names = list(config.eval.baselines if baselines is None else baselines)
     ev = prepare(config, output_path, nnet_path, split, features, limit, skip_fid, batch_size,
                  allow_untrained_condition, names)

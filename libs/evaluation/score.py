@@ -2,7 +2,6 @@
 docs/metrics.md): FID on Inception-v3 pool features kept per pair, BLEU in two conventions, Dist-n, emotion accuracy
 and macro-F1, and the face expression read by an independent pre-trained classifier (libs.face_expression)."""
 import glob
-import logging
 import math
 import os
 
@@ -13,8 +12,6 @@ from libs import metrics
 from libs.avamerg import EMOTIONS_32, coarse_index
 from libs.errors import UserError
 from libs.io import atomic_save_safetensors, read_rgb
-
-logger = logging.getLogger(__name__)
 
 FID_FEATURES, FID_PART = 'fid_features.safetensors', 'fid_features.rank{}.safetensors'
 ROLES = ('generated', 'gold', 'speaker')  # whose face the expression classifier reads

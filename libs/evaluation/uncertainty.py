@@ -13,7 +13,6 @@ value): the spread of the statistic over resampled pair sets, placed around the 
 ``paired`` draws the same resamples for two runs on the same pairs and reports the difference b - a with its interval:
 the noise of which pairs happen to be in the test set cancels, so it is much tighter than two separate intervals.
 """
-import logging
 
 import numpy as np
 import torch
@@ -21,8 +20,6 @@ import torch
 from libs import metrics
 from libs.avamerg import EMOTIONS_32, coarse_index
 from libs.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 MAX_N = 4  # BLEU-1..4
 DIST_N = (1, 2)
@@ -46,7 +43,7 @@ def ngram_incidence(texts, n):
 class PairStatistics:
     """What every metric needs per pair, so that a resample (counts w over pairs) is scored without re-tokenising."""
 
-    def __init__(self, records, fid_features=None):
+    def __init__(self, records, fid_features=None, device='cpu'):
         from sacrebleu.metrics import BLEU
         self.n = len(records)
         texts = [r['generated'] for r in records]
@@ -74,8 +71,9 @@ class PairStatistics:
         self.has_expression = np.asarray([x is not None for x in reads])
         self.expression = {f'expression_{a}_vs_{b}': np.asarray([x is not None and x[a] == x[b] for x in reads])
                            for a, b in (('generated', 'gold'), ('generated', 'speaker'), ('gold', 'speaker'))}
-        self.features = None if fid_features is None else (fid_features['generated'].double(),
-                                                           fid_features['reference'].double())
+        # On the evaluation's device: each resample's FID is an SVD in min(pairs, 2048) dimensions.
+        self.features = None if fid_features is None else tuple(fid_features[k].to(device, torch.float64)
+                                                                for k in ('generated', 'reference'))
 
     def values(self, w, with_fid=True):
         """{metric: value} of the resample with pair counts w (all ones: the full set); None where not computable."""
@@ -140,6 +138,7 @@ def weighted_fid(gen, ref, w):
     features of the drawn pairs scaled by sqrt(w), Tr((S1 S2)^(1/2)) is the nuclear norm of A B^T / (n - 1),
     computed in min(pairs, features) dimensions (through QR when there are more pairs than features).
     """
+    w = w.to(gen.device)
     keep = w > 0
     w, gen, ref = w[keep].double(), gen[keep], ref[keep]
     n = w.sum()
