@@ -17,6 +17,7 @@ from libs.evaluation import baselines, generate, score
 from libs.synthetic import make_dataset
 from test_eval import BATCH, read_jsonl, results, tiny_config
 
+pytestmark = pytest.mark.slow  # each module evaluates a tiny network several times
 NAMES = ('copy_speaker', 'retrieval', 'shuffled_speaker', 'no_guidance')
 SIZE = 32  # the tiny config's resolution
 

@@ -16,6 +16,7 @@ from libs.avamerg import AvaMERG
 from libs.errors import UserError
 from test_eval import BATCH, ENV, ROOT, data, features, read_jsonl, tiny_config  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.slow  # each module evaluates a tiny network several times
 SIZE = 32  # the tiny config's resolution
 
 
@@ -85,7 +86,8 @@ def test_every_metric_has_an_interval_around_it(expression_run):
     values = report.flat(summary['metrics'])
     assert set(summary['intervals']) == set(values) and 'expression_generated_vs_gold' in values
     for k, (lo, hi) in summary['intervals'].items():
-        assert lo <= values[k] <= hi, k
+        # A mean over pairs lies inside its percentile interval; a ratio (corpus BLEU, macro-F1) on 8 pairs need not.
+        assert lo <= hi and (lo <= values[k] <= hi or not k.endswith(('acc', '_vs_gold', '_vs_speaker'))), k
     assert summary['bootstrap'] == dict(resamples=1000, fid_resamples=200, seed=0, confidence=0.95, unit='pairs')
     assert '## Intervals' in (out / 'report.md').read_text()
 

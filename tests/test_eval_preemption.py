@@ -32,6 +32,7 @@ def uninterrupted(tiny_models, data, tmp_path_factory):
     return out, read_jsonl(out / 'pairs.jsonl')
 
 
+@pytest.mark.slow
 def test_sigterm_stops_between_batches_and_the_resume_equals_an_uninterrupted_run(uninterrupted, tiny_models, data,
                                                                                    tmp_path):
     whole, records = uninterrupted

@@ -2,7 +2,8 @@
 
 - ``copy_speaker``: the speaker's own face and utterance as the response (no emotion prediction);
 - ``retrieval``: the response of the training pair whose speaker utterance is nearest in CLIP text space (cosine of
-  the token-averaged last hidden state, as the feature cache stores it), with its face and its gold emotion;
+  the token-averaged last hidden state the feature cache stores, centred on the training utterances' mean), with its
+  face and its gold emotion;
 - ``shuffled_speaker``: the network answering every pair from another conversation's speaker turn (face latent, CLIP
   image embedding and utterance all moved together), with the pair's own noise: a network that ignores the speaker
   scores as the model does, one that follows it falls to chance;
@@ -65,10 +66,10 @@ def copy_speaker(ev, source, out, rank, indices):
 
 
 # ---------------------------------------------------------------- retrieval ------------------------------------------
-def sentence_embedding(states):
-    """(B, T, D) CLIP text last hidden states -> (B, D) unit vectors: the mean over the T positions (under CLIP's
-    causal mask every padding position after the end token summarises the whole utterance)."""
-    return torch.nn.functional.normalize(states.float().mean(1), dim=-1)
+def token_average(states):
+    """(B, T, D) CLIP text last hidden states -> (B, D): the mean over the T positions (under CLIP's causal mask every
+    padding position after the end token summarises the whole utterance)."""
+    return states.float().mean(1)
 
 
 def train_cache(config):
@@ -94,16 +95,24 @@ class TrainResponses:
         self.comp, self.data, self.meta, chunks = ev.comp, FeatureDataset(folder), [], []
         for shard in self.data.shards:
             with safe_open(os.path.join(folder, shard['name'] + '.safetensors'), 'pt') as f:
-                chunks.append(sentence_embedding(f.get_tensor('speaker_text')))
+                chunks.append(token_average(f.get_tensor('speaker_text')))
             with open(os.path.join(folder, shard['name'] + '.json'), encoding='utf-8') as f:
                 self.meta += json.load(f)
-        self.embeddings = torch.cat(chunks)
+        # Centred on the training utterances' mean: transformer states share a large common direction, which would
+        # otherwise dominate every cosine.
+        averages = torch.cat(chunks)
+        self.centre = averages.mean(0)
+        self.embeddings = self.embed(averages)
         root = config.data.get('root')
         self.reader = avamerg.from_config(config.data, 'train') if root and os.path.isdir(root) else None
 
+    def embed(self, averages):
+        """Token-averaged states (B, D) -> unit vectors after centring on the training utterances."""
+        return torch.nn.functional.normalize(averages - self.centre, dim=-1)
+
     def nearest(self, states):
         """Index of the training pair whose speaker utterance is nearest (cosine) to each of the (B, T, D) states."""
-        return (sentence_embedding(states) @ self.embeddings.T).argmax(1).tolist()
+        return (self.embed(token_average(states)) @ self.embeddings.T).argmax(1).tolist()
 
     def face(self, j):
         """Training pair j's response face: its frame, or the VAE reconstruction of its cached moments."""
