@@ -2,6 +2,7 @@
 and eval_avamerg.py --compare: a run against itself differs by zero, two runs on different pairs are refused in one
 line."""
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -14,6 +15,7 @@ from libs import evaluation
 from libs.autoencoder import center_crop_resize
 from libs.avamerg import AvaMERG
 from libs.errors import UserError
+from libs.evaluation import report
 from test_eval import BATCH, ENV, ROOT, data, features, read_jsonl, tiny_config  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow  # each module evaluates a tiny network several times
@@ -82,7 +84,6 @@ def test_expression_per_pair_and_agreement(expression_run, data):
 
 def test_every_metric_has_an_interval_around_it(expression_run):
     out, summary, _ = expression_run
-    from libs.evaluation import report
     values = report.flat(summary['metrics'])
     assert set(summary['intervals']) == set(values) and 'expression_generated_vs_gold' in values
     for k, (lo, hi) in summary['intervals'].items():
@@ -123,3 +124,17 @@ def test_compare_refuses_runs_on_different_pairs(expression_run, tiny_models, da
     assert len(lines) == 1 and 'answered different pairs' in lines[0]
     with pytest.raises(UserError, match='not a finished evaluation'):
         evaluation.compare_runs(str(out), str(tmp_path / 'nothing'), str(tmp_path / 'cmp'))
+
+
+def test_demo_report_shows_the_baselines_with_intervals(expression_run, tmp_path):
+    """libs/demo/report.py's section from a real evaluation with baselines (the demo's 'baselines' stage output)."""
+    from libs.demo.report import baselines_section
+    out, summary, _ = expression_run
+    shutil.copytree(out, tmp_path / 'baselines')
+    markers = dict(baselines=dict(summary=dict(rows=summary['baselines'], bootstrap=summary['bootstrap'],
+                                               pairs=summary['samples'],
+                                               expression_classifier=summary['expression_classifier'])))
+    section = baselines_section(markers, str(tmp_path))
+    lo, hi = summary['intervals']['expression_generated_vs_gold']
+    assert '<th>copy_speaker</th>' in section and 'stand-in-brightness' in section
+    assert f'[{report.fmt(lo)}, {report.fmt(hi)}]' in section and 'reads the gold listener faces as' in section
