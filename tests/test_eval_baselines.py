@@ -139,8 +139,9 @@ def test_shuffled_speaker_equals_the_demo_shuffled_cache(evaluated, features, tm
     assert [{k: r[k] for k in keys} for r in records] == [{k: r[k] for k in keys} for r in control]
     for r in records:
         assert (folder(out, 'shuffled_speaker') / r['face']).read_bytes() == (tmp_path / 'eval' / r['face']).read_bytes()
-    # The answers differ from the model's own: the speaker turn matters to this network.
-    assert [r['generated'] for r in records] != [own[r['pair_id']]['generated'] for r in records]
+    # The answers differ from the model's own: the speaker turn matters to this network (its random caption decoder
+    # may say the same thing either way; the emotion head reads the speaker path).
+    assert [r['top3'] for r in records] != [own[r['pair_id']]['top3'] for r in records]
 
 
 def test_shuffled_source_moves_every_speaker_input():
