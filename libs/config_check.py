@@ -78,10 +78,10 @@ def shape(n: int) -> Callable:
         else f'{n} positive integers'
 
 
-def names() -> Callable:
-    """A non-empty tuple of non-empty strings."""
-    return lambda x: None if isinstance(x, (tuple, list)) and x and all(isinstance(v, str) and v for v in x) \
-        else 'a non-empty tuple of names'
+def names(empty: bool = False) -> Callable:
+    """A tuple of non-empty strings (non-empty unless ``empty``)."""
+    return lambda x: None if isinstance(x, (tuple, list)) and (empty or x) and \
+        all(isinstance(v, str) and v for v in x) else 'a tuple of names' if empty else 'a non-empty tuple of names'
 
 
 def pair_in_unit_interval() -> Callable:
@@ -150,6 +150,11 @@ RULES = {
         'data.root': text(empty=False), 'data.speaker_text': registry('speaker_text'),
         'data.val_fraction': number(0, 1, high_open=True), 'data.shard_size': integer(1),
         'data.batch_size': integer(1), 'data.num_workers': integer(0),
+    },
+    'eval': {
+        'eval.inception_path': text(), 'eval.expression_classifier': text(empty=False), 'eval.baselines': names(empty=True),
+        'eval.bootstrap_resamples': integer(1), 'eval.fid_bootstrap_resamples': integer(0),
+        'eval.bootstrap_seed': integer(0), 'eval.confidence': number(0, 1, low_open=True, high_open=True),
     },
     'caption_decoder_train': {
         'workdir': text(empty=False), 'name': text(empty=False), 'log_with': registry('trackers'),

@@ -41,7 +41,7 @@ def parse_flags(argv):
 
 def setup(verbose: bool = False) -> None:
     """Log format and levels for this process, and the verbosity and progress bars of the libraries."""
-    import huggingface_hub
+    import huggingface_hub.utils  # a lazy package: its utils are not loaded by `import huggingface_hub`
     root = logging.getLogger()
     if not root.handlers:  # absl's app.run installs its handler on the root logger; plain scripts get one here
         root.addHandler(logging.StreamHandler(sys.stderr))

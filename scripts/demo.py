@@ -267,9 +267,9 @@ def read_outputs(config, run, folder):
 def evaluate(config, run, folder, nnet, features, untrained=False):
     """eval_avamerg.py at the config's sampling setting, then both instruments on its outputs; `untrained` evaluates
     a network whose speaker path has not been trained yet (the fine-tune's starting point)."""
-    import eval_avamerg
+    from libs import evaluation
     line = eval_command(config, run, nnet, features, folder, *(['--allow_untrained_condition'] if untrained else []))
-    summary = eval_avamerg.evaluate(config, nnet, 'test', features, config.demo.eval.pairs, True, folder,
+    summary = evaluation.evaluate(config, nnet, 'test', features, config.demo.eval.pairs, True, folder,
                                     config.demo.eval.batch_size, allow_untrained_condition=untrained)
     return dict(commands=[line], metrics=summary['metrics'], reads=read_outputs(config, run, folder),
                 settings={k: summary[k] for k in ('checkpoint', 'samples', 'sample_steps', 'guidance_scale', 'seed')})
@@ -287,14 +287,13 @@ def trained_nnet(config, online=False) -> str:
 def sweep(config, run, folder):
     """The fine-tuned network over guidance scales x step counts (eval_avamerg.py --scales --steps), both instruments
     on every setting; the config's own setting is one of them, the one the learning table reports."""
-    import eval_avamerg
-
+    from libs import evaluation
     from libs.demo import measure
     cfg, nnet, ev = config.demo.sweep, trained_nnet(config), config.demo.eval
     line = eval_command(config, run, nnet, config.data.test, folder,
                         f'--scales={",".join(f"{s:g}" for s in cfg.scales)}',
                         f'--steps={",".join(map(str, cfg.steps))}')
-    rows = eval_avamerg.evaluate_sweep(config, list(cfg.scales), list(cfg.steps), nnet, 'test', config.data.test,
+    rows = evaluation.evaluate_sweep(config, list(cfg.scales), list(cfg.steps), nnet, 'test', config.data.test,
                                        ev.pairs, True, folder, ev.batch_size)
     default = f'scale{config.sample.scale:g}_steps{config.sample.sample_steps}'
     if default not in [r['setting'] for r in rows]:
@@ -325,6 +324,18 @@ def pretrained(config, run, folder):
 def online(config, run, folder):
     """The online (not averaged) network of the exported checkpoint, against its EMA."""
     return evaluate(config, run, folder, trained_nnet(config, online=True), config.data.test)
+
+
+def baselines(config, run, folder):
+    """The evaluation's baselines on the same held-out pairs (the speaker copied, the nearest training response in
+    CLIP text space, the fine-tuned network without speaker guidance), every number with its bootstrap interval."""
+    from libs import evaluation
+    names, ev, nnet = ('copy_speaker', 'retrieval', 'no_guidance'), config.demo.eval, trained_nnet(config)
+    line = eval_command(config, run, nnet, config.data.test, folder, f'--baselines={",".join(names)}')
+    summary = evaluation.evaluate(config, nnet, 'test', config.data.test, ev.pairs, True, folder, ev.batch_size,
+                                  baselines=list(names))
+    return dict(commands=[line], rows=summary['baselines'], bootstrap=summary['bootstrap'], pairs=summary['samples'],
+                expression_classifier=summary['expression_classifier'])
 
 
 def modes(config, run, folder):
@@ -378,6 +389,8 @@ STAGES = (
     ('pretrained', pretrained, 'finetune', EVAL_KEYS, ('init', 'classifier'),
      'control: the fine-tune\'s starting point, the pre-trained network'),
     ('online', online, 'finetune', EVAL_KEYS, ('train', 'classifier'), 'the online network against its EMA'),
+    ('baselines', baselines, 'finetune', EVAL_KEYS, ('train',),
+     'baselines scored by the same code: the speaker copied, retrieval, no speaker guidance'),
     ('modes', modes, 'finetune', (*RUN_KEYS, 'sample', 'demo.modes'), ('train', 'classifier'),
      'UniDiffuser\'s t2i and i2t before and after fine-tuning'),
 )

@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 import sacrebleu
@@ -21,7 +20,8 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from PIL import Image
 
 import eval_avamerg
-from libs import metrics
+from libs import evaluation, metrics, modes
+from libs.evaluation import generate, report, run as run_module, score
 from libs.autoencoder import center_crop_resize
 from libs.avamerg import AvaMERG
 from libs.errors import UserError
@@ -33,6 +33,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=ROOT)
 BATCH = 2
 K = 3  # informative dimensions of the stand-in Inception (mean R, G, B); the other 2045 are exactly zero
 SWEEP_PAIRS = 4
+LOGITS = 1008  # the NVlabs Inception's output without return_features
 _frechet_distance = metrics.frechet_distance
 
 
@@ -41,11 +42,13 @@ class StandInInception(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.dim = metrics.INCEPTION_POOL_DIM
+        self.dim, self.logits = metrics.INCEPTION_POOL_DIM, LOGITS
 
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         rgb = x.float().mean((2, 3)) / 255
-        return torch.cat([rgb, rgb.new_zeros(x.shape[0], self.dim - rgb.shape[1])], 1)
+        features = torch.cat([rgb, rgb.new_zeros(x.shape[0], self.dim - rgb.shape[1])], 1)
+        # Like the NVlabs network: the 1008 class logits unless the pool features are asked for.
+        return features if return_features else features[:, :self.logits]
 
 
 def block_frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -62,6 +65,7 @@ def tiny_config(models, data):
     spec.loader.exec_module(module)
     config = module.get_config(models)
     config.data.root = data
+    config.eval.expression_classifier = score.NO_CLASSIFIER  # tests/test_eval_expression.py injects a stand-in
     return config
 
 
@@ -88,13 +92,13 @@ def run(models, data, inception, out, sample=None, sweep=None, **kwargs):
     """evaluate() (or evaluate_sweep(config, *sweep)) in this process with the stand-in Inception (through
     config.eval) and the block FID; `sample` overrides config.sample."""
     config = tiny_config(models, data)
-    config.eval = ml_collections.ConfigDict(dict(inception_path=inception))
+    config.eval.inception_path = inception
     config.sample.update(sample or {})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(metrics, 'frechet_distance', block_frechet_distance)
         if sweep is not None:
-            return eval_avamerg.evaluate_sweep(config, *sweep, output_path=str(out), batch_size=BATCH, **kwargs)
-        return eval_avamerg.evaluate(config, output_path=str(out), batch_size=BATCH, **kwargs)
+            return evaluation.evaluate_sweep(config, *sweep, output_path=str(out), batch_size=BATCH, **kwargs)
+        return evaluation.evaluate(config, output_path=str(out), batch_size=BATCH, **kwargs)
 
 
 def read_jsonl(path):
@@ -104,7 +108,7 @@ def read_jsonl(path):
 
 def results(records):
     """The records without their timings (the only fields that differ between equal runs)."""
-    return [{k: v for k, v in r.items() if k not in eval_avamerg.TIMING} for r in records]
+    return [{k: v for k, v in r.items() if k not in generate.TIMING} for r in records]
 
 
 def current_umask():
@@ -152,10 +156,10 @@ def features(tiny_models, data, tmp_path_factory):
 
 
 def test_pair_noise_does_not_depend_on_the_batch():
-    base = eval_avamerg.modes.Context(nnet=None, sampler=None, schedule=None, N=1000, steps=1, scale=1., z_shape=(1,),
+    base = modes.Context(nnet=None, sampler=None, schedule=None, N=1000, steps=1, scale=1., z_shape=(1,),
                                       clip_img_dim=1, text_shape=(1, 1))
     gens = lambda seeds: tuple(torch.Generator().manual_seed(s) for s in seeds)  # noqa: E731
-    pair = eval_avamerg.PairContext(**vars(base), generators=gens([7, 8]))
+    pair = generate.PairContext(**vars(base), generators=gens([7, 8]))
     both = torch.cat([pair.randn(2, 3, 4), pair.randn(2, 5)[:, None].expand(2, 3, 5)], 2)
     for row, seed in enumerate([7, 8]):
         g = torch.Generator().manual_seed(seed)
@@ -175,7 +179,7 @@ def test_score_against_independent_counts():
                     gold_emotion='tired', pred_label=0, gold_label=-1),        # a word outside the 32: ignored
                dict(generated='Tell me more about it.', reference=None,        # no gold at all: Dist-n only
                     gold_emotion=None, pred_label=3, gold_label=-1)]
-    s = eval_avamerg.score(records)
+    s = score.score(records)
     gold = records[:3]
     hyps, refs = [r['generated'] for r in gold], [r['reference'] for r in gold]
     assert s['bleu_pairs'] == 3 and s['bleu4'] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
@@ -196,13 +200,13 @@ def test_score_against_independent_counts():
     e = s['emotion']
     assert e['n'] == 2 and e['fine_acc'] == 0.5 and e['coarse_acc'] == 1.0
     assert e['fine_macro_f1'] == pytest.approx((1 + 0 + 0) / 3)  # classes 4 (F1 1), 11 and 27 (F1 0)
-    assert eval_avamerg.gold_counts(records) == dict(pairs=4, response=3, emotion_word=3, label=2)
+    assert score.gold_counts(records) == dict(pairs=4, response=3, emotion_word=3, label=2)
 
-    none = eval_avamerg.score([dict(r, reference=None, gold_emotion=None, gold_label=-1) for r in records])
+    none = score.score([dict(r, reference=None, gold_emotion=None, gold_label=-1) for r in records])
     assert none['bleu_pairs'] == 0 and none['sacrebleu'] is None and none['sentence_bleu'] is None
     assert all(none[f'bleu{n}'] is None for n in range(1, 5)) and none['dist2'] == s['dist2']
     assert none['emotion'] == dict(n=0, fine_acc=None, fine_macro_f1=None, coarse_acc=None, coarse_macro_f1=None)
-    reasons = eval_avamerg.not_computed(eval_avamerg.gold_counts(records[2:3]), 'no weights', None)
+    reasons = score.not_computed(score.gold_counts(records[2:3]), 'no weights', None)
     assert reasons == dict(fid='no weights', emotion='no pair has a gold emotion label among the 32 (1 have emotion '
                                                       'words outside them)')
 
@@ -230,7 +234,7 @@ def test_raw_eval_writes_every_artefact_and_scores_it(baseline, data, inception)
                            autocast='fp32', caption_decoder=os.path.join(models, 'caption_decoder.pth'), nfe=4,
                            guidance_branches=2,
                            fid_computed=True, gold=dict(pairs=n, response=n, emotion_word=n, label=n),
-                           not_computed={}).items():
+                           not_computed=dict(expression='config.eval.expression_classifier=none')).items():
         assert saved[key] == value, key
     settings = json.loads((out / 'settings.json').read_text())
     assert settings == {k: saved[k] for k in settings} and {'autocast', 'caption_decoder', 'seed'} <= set(settings)
@@ -277,14 +281,14 @@ def test_resume_after_limit_and_interruption(baseline, tiny_models, data, incept
     class Interrupted(Exception):
         pass
 
-    write_batch = eval_avamerg.write_batch
+    write_batch = generate.write_batch
 
     def write_then_die(*args):
         write_batch(*args)
         raise Interrupted
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(Interrupted):
-        mp.setattr(eval_avamerg, 'write_batch', write_then_die)
+        mp.setattr(generate, 'write_batch', write_then_die)
         run(tiny_models, data, inception, tmp_path)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'faces').iterdir()}
     assert len(stamps) == 2 * BATCH
@@ -304,37 +308,37 @@ def test_refuses_a_folder_with_other_settings(baseline, tiny_models, data, incep
     config = tiny_config(tiny_models, data)
     config.seed = 99
     with pytest.raises(UserError, match='seed: 1234 there, 99 now'):
-        eval_avamerg.evaluate(config, output_path=str(tmp_path / 'copy'), skip_fid=True)
+        evaluation.evaluate(config, output_path=str(tmp_path / 'copy'), skip_fid=True)
     config = tiny_config(tiny_models, data)
     config.sample.sample_steps = 3
     with pytest.raises(UserError, match='sample_steps: 4 there, 3 now'):
-        eval_avamerg.evaluate(config, output_path=str(tmp_path / 'copy'), skip_fid=True)
+        evaluation.evaluate(config, output_path=str(tmp_path / 'copy'), skip_fid=True)
     config = tiny_config(tiny_models, data)
     decoder = tmp_path / 'caption_decoder.pth'
     shutil.copy(config.caption_decoder.pretrained_path, decoder)
     config.caption_decoder.pretrained_path = str(decoder)
     with pytest.raises(UserError, match='caption_decoder: .* there, .*caption_decoder.pth. now'):
-        eval_avamerg.evaluate(config, output_path=str(tmp_path / 'copy'), skip_fid=True)
+        evaluation.evaluate(config, output_path=str(tmp_path / 'copy'), skip_fid=True)
     settings = json.loads((tmp_path / 'copy' / 'settings.json').read_text())
     pairs = [{'pair_id': r['pair_id']} for r in baseline[2]]
-    eval_avamerg.check_resumable(str(tmp_path / 'copy'), settings, {}, pairs)  # the same settings resume
+    generate.check_resumable(str(tmp_path / 'copy'), settings, {}, pairs)  # the same settings resume
     with pytest.raises(UserError, match="autocast: 'fp32' there, 'bf16' now"):  # e.g. the same folder on a GPU
-        eval_avamerg.check_resumable(str(tmp_path / 'copy'), dict(settings, autocast='bf16'), {}, pairs)
+        generate.check_resumable(str(tmp_path / 'copy'), dict(settings, autocast='bf16'), {}, pairs)
     with pytest.raises(UserError, match='pair 0 is test/.* there, train/x/0 now'):
-        eval_avamerg.check_resumable(str(tmp_path / 'copy'), settings, {0: baseline[2][0]}, [{'pair_id': 'train/x/0'}])
+        generate.check_resumable(str(tmp_path / 'copy'), settings, {0: baseline[2][0]}, [{'pair_id': 'train/x/0'}])
 
 
 def test_features_give_the_same_speaker_turns(baseline, tiny_models, data, inception, features, tmp_path, caplog):
     config = tiny_config(tiny_models, data)
     config.data.root = ''  # no frames: FID has no reference, the grid shows VAE reconstructions
-    config.eval = ml_collections.ConfigDict(dict(inception_path=inception))
+    config.eval.inception_path = inception
     with pytest.raises(UserError, match='reference frames.*config.data.root is not set'):
-        eval_avamerg.evaluate(config, features=features, output_path=str(tmp_path / 'x'), batch_size=BATCH)
+        evaluation.evaluate(config, features=features, output_path=str(tmp_path / 'x'), batch_size=BATCH)
     config.data.root = str(tmp_path / 'nowhere')
     with pytest.raises(UserError, match='nowhere does not exist'):
-        eval_avamerg.evaluate(config, features=features, output_path=str(tmp_path / 'x'), batch_size=BATCH)
+        evaluation.evaluate(config, features=features, output_path=str(tmp_path / 'x'), batch_size=BATCH)
     with caplog.at_level(logging.INFO):
-        summary = eval_avamerg.evaluate(config, features=features, skip_fid=True, output_path=str(tmp_path / 'out'),
+        summary = evaluation.evaluate(config, features=features, skip_fid=True, output_path=str(tmp_path / 'out'),
                                         batch_size=BATCH)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and 'FID' in r.getMessage()]
     assert summary['fid_computed'] is False and summary['metrics']['fid'] is None
@@ -358,7 +362,7 @@ def test_sweep_rows_equal_single_runs(sweep, baseline, tiny_models, data, incept
     for r in rows:
         m = json.loads((out / r['setting'] / 'metrics.json').read_text())
         assert (m['guidance_scale'], m['sample_steps'], m['samples']) == (r['scale'], r['steps'], SWEEP_PAIRS)
-        assert r == eval_avamerg.sweep_row(r['setting'], m) and r['seconds_per_pair'] > 0
+        assert r == report.sweep_row(r['setting'], m) and r['seconds_per_pair'] > 0
     # The default setting is the baseline's: a pair's noise depends on its pair_id only, not on --limit or the sweep.
     assert results(read_jsonl(out / 'scale7_steps4' / 'pairs.jsonl')) == results(baseline[2][:SWEEP_PAIRS])
     for r in baseline[2][:SWEEP_PAIRS]:
@@ -378,7 +382,7 @@ def test_sweep_rows_equal_single_runs(sweep, baseline, tiny_models, data, incept
     assert Image.open(out / 'sweep.png').format == Image.open(out / 'sweep_nfe.png').format == 'PNG'
     # A setting's folder resumes as a single run with that setting: nothing is generated again.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(eval_avamerg, 'generate_batch', None)
+        mp.setattr(generate, 'generate_batch', None)
         again = run(tiny_models, data, inception, out / 'scale2_steps2', sample=dict(scale=2.0, sample_steps=2),
                     limit=SWEEP_PAIRS)
     assert again['metrics'] == alone['metrics'] and again['run']['resumed'] == SWEEP_PAIRS
@@ -386,18 +390,18 @@ def test_sweep_rows_equal_single_runs(sweep, baseline, tiny_models, data, incept
 
 def test_sweep_settings_and_two_scale(tiny_models, data, tmp_path):
     config = tiny_config(tiny_models, data)
-    names = [name for name, _ in eval_avamerg.sweep_configs(config, [1, 0.5], [10])]
+    names = [name for name, _ in run_module.sweep_configs(config, [1, 0.5], [10])]
     assert names == ['scale1_steps10', 'scale0.5_steps10']
     for scales, steps, match in (([1, 1], None, 'repeat'), ([-1], None, 'at least 0'), (None, [0], 'at least 1')):
         with pytest.raises(UserError, match=match):
-            eval_avamerg.sweep_configs(config, scales, steps)
+            run_module.sweep_configs(config, scales, steps)
     with pytest.raises(UserError, match='expected int'):
         eval_avamerg.parse_list(['10', 'x'], int, 'steps')
     config.sample.speaker_guidance = 'two_scale'
     config.sample.update(scale_text=3.0, scale_face=1.5)
     with pytest.raises(UserError, match='--scales sweeps config.sample.scale'):
-        eval_avamerg.sweep_configs(config, [1, 3], None)
-    rows = eval_avamerg.evaluate_sweep(config, steps=[2], skip_fid=True, limit=BATCH, batch_size=BATCH,
+        run_module.sweep_configs(config, [1, 3], None)
+    rows = evaluation.evaluate_sweep(config, steps=[2], skip_fid=True, limit=BATCH, batch_size=BATCH,
                                        output_path=str(tmp_path))
     assert [(r['setting'], r['scale'], r['nfe']) for r in rows] == [('steps2', '3/1.5', 2)]
     m = json.loads((tmp_path / 'steps2' / 'metrics.json').read_text())
@@ -414,7 +418,7 @@ def test_features_without_gold(tiny_models, data, features, tmp_path):
             path.write_text(json.dumps([dict(m, response_text_raw=None, emotion=None) for m in meta]))
     config = tiny_config(tiny_models, data)
     config.data.root = ''
-    summary = eval_avamerg.evaluate(config, features=str(tmp_path / 'features'), skip_fid=True, batch_size=BATCH,
+    summary = evaluation.evaluate(config, features=str(tmp_path / 'features'), skip_fid=True, batch_size=BATCH,
                                     output_path=str(tmp_path / 'partial'))
     records = read_jsonl(tmp_path / 'partial' / 'pairs.jsonl')
     gold = [r for r in records if r['reference'] is not None]
@@ -429,12 +433,12 @@ def test_features_without_gold(tiny_models, data, features, tmp_path):
 
     for path, meta in shards.items():  # no gold anywhere: generated, but nothing that needs gold is scored
         path.write_text(json.dumps([dict(m, response_text_raw=None, emotion=None) for m in meta]))
-    summary = eval_avamerg.evaluate(config, features=str(tmp_path / 'features'), skip_fid=True, batch_size=BATCH,
+    summary = evaluation.evaluate(config, features=str(tmp_path / 'features'), skip_fid=True, batch_size=BATCH,
                                     output_path=str(tmp_path / 'none'))
     m = summary['metrics']
     assert summary['samples'] == len(records) and m['bleu4'] is None and m['sentence_bleu'] is None
     assert m['emotion']['fine_acc'] is None and m['dist1'] is not None
-    assert set(summary['not_computed']) == {'fid', 'bleu', 'emotion'}
+    assert set(summary['not_computed']) == {'fid', 'bleu', 'emotion', 'expression'}
     report = (tmp_path / 'none' / 'report.md').read_text()
     assert 'not computed: bleu: no pair has a gold response' in report and 'BLEU-1 / 2 / 3 / 4' in report
     assert not (tmp_path / 'none' / 'confusion_32.png').exists()
@@ -448,7 +452,7 @@ def test_raw_test_split_without_gold(tiny_models, tmp_path):
     dialogues = json.loads(test_json.read_text())
     first = dialogues[0]['conversation_id']
     test_json.write_text(json.dumps(strip_gold(dialogues, lambda d, t: d['conversation_id'] == first)))
-    summary = eval_avamerg.evaluate(tiny_config(tiny_models, str(root)), skip_fid=True, batch_size=BATCH,
+    summary = evaluation.evaluate(tiny_config(tiny_models, str(root)), skip_fid=True, batch_size=BATCH,
                                     output_path=str(tmp_path / 'out'))
     records = read_jsonl(tmp_path / 'out' / 'pairs.jsonl')
     train_ids = {d['conversation_id'] for d in json.loads((root / 'train.json').read_text())}
@@ -480,6 +484,7 @@ def test_two_processes_equal_one(baseline, tiny_models, data, inception, tmp_pat
     result = subprocess.run([accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
                              '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(port),
                              str(script), f'--config={CONFIG_FILE}:{tiny_models}', f'--config.data.root={data}',
+                             '--config.eval.expression_classifier=none',
                              f'--batch_size={BATCH}', f'--output_path={tmp_path / "out"}', '--scales=7', '--steps=4'],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -494,7 +499,7 @@ def test_two_processes_equal_one(baseline, tiny_models, data, inception, tmp_pat
     assert two['metrics'] == {k: v for k, v in summary['metrics'].items() if k != 'fid'}
     # The printed table has rounded numbers.
     row = next(line for line in result.stdout.splitlines() if line.startswith('| scale7_steps4 |'))
-    assert f'| {eval_avamerg.fmt(two["metrics"]["dist1"])} |' in row and len(row) < 300
+    assert f'| {report.fmt(two["metrics"]["dist1"])} |' in row and len(row) < 300
 
 
 def test_cli_without_inception_exits_2(tiny_models, data, tmp_path):

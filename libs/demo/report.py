@@ -84,6 +84,7 @@ def summarize(out: str, config, markers: dict, schedule: str) -> dict:
                          codec_reconstructions=classifier['codec_reconstructions'],
                          reference_texts=classifier['reference_texts']),
         fid=dict(computed=False, why=FID_NOTE),
+        baselines={k: markers['baselines']['summary'][k] for k in ('rows', 'bootstrap', 'expression_classifier')},
         caption_decoder={k: markers['caption_decoder']['summary'][k] for k in ('bleu_before', 'bleu_after')},
         codec={k: v for k, v in markers['codec']['summary'].items() if k != 'curve'})
 
@@ -392,6 +393,35 @@ def write_response_grid(config, markers: dict, out: str, path: str) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def baselines_section(markers: dict, out: str) -> str:
+    """The fine-tuned network beside the evaluation's baselines, each number with its bootstrap interval, and what the
+    independent (real-face) expression classifier reads on these drawn faces."""
+    import collections
+
+    from libs.evaluation.report import METRICS, bootstrap_note, fmt_interval
+    b = markers['baselines']['summary']
+    rows = b['rows']
+    cell = lambda r, k: (f'{fmt(r["metrics"][k])}<br><span class="note">{fmt_interval(r["intervals"].get(k))}</span>'
+                         if k in r['metrics'] else '&ndash;')  # noqa: E731
+    body = table(('metric', *(html.escape(r['name']) for r in rows)),
+                 [(title, *(cell(r, k) for r in rows)) for k, title in METRICS if any(k in r['metrics'] for r in rows)],
+                 numeric_from=1)
+    what = ''.join(f'<li><b>{html.escape(r["name"])}</b>: {html.escape(r["what"])}</li>' for r in rows)
+    note = (f'<ul>{what}</ul><p class="note">{b["pairs"]} held-out pairs; {html.escape(bootstrap_note(b["bootstrap"]))}. '
+            'The shuffled-speaker control is its own stage above.</p>')
+    name = b['expression_classifier']
+    if name:
+        records = read_jsonl(os.path.join(out, 'baselines', 'pairs.jsonl'))
+        reads = collections.Counter(r['expression']['gold'] for r in records)
+        note += (f'<p class="note">The face-expression rows come from <code>{html.escape(name)}</code>, a classifier '
+                 'trained on photographs of real faces, not on anything drawn here. On these 32-pixel drawings it '
+                 'reads the gold listener faces as ' + ', '.join(f'{k} {v}' for k, v in reads.most_common())
+                 + '. It can tell a drawn face that looks like another only as far as its real-face features respond '
+                 'to the drawing (mouth and brow shapes); it cannot say whether the prescribed reaction is shown, '
+                 'which the demo\'s own classifier (trained on the drawings) measures in the learning table.</p>')
+    return body + note
+
+
 def codec_section(out: str) -> str:
     """Held-out faces and their codec reconstructions, labelled."""
     rows = [(label, image_tag(read_rgb(os.path.join(out, 'codec', f'{name}.png')), 3, label))
@@ -498,6 +528,7 @@ def write_report(out: str, config, markers: dict, schedule: str):
         ('Learning: the fine-tuned network against controls', learning_section(summary, out)),
         ('The fine-tune starts from the pre-trained network', start_section(summary)),
         ('Guidance scale x steps', sweep_section(summary)),
+        ('Baselines and intervals (eval_avamerg.py --baselines)', baselines_section(markers, out)),
         ('UniDiffuser\'s t2i and i2t before and after fine-tuning', modes_section(summary, markers, out)),
         ('Examples (held-out pairs)', examples_section(config, markers, out)),
         ('Training curves (online vs EMA)', curves_section(markers)),
