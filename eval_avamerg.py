@@ -1,6 +1,6 @@
 """Evaluate EmpathDiffuser on an AvaMERG split: every speaker turn -> an `empath` response (face + utterance) and a
 predicted emotion, scored with FID, BLEU (sacreBLEU and sentence-averaged), Dist-1/2, emotion accuracy / macro-F1 and
-the face expression read by an independent classifier, each with a 95% bootstrap interval over pairs (DESIGN §5), for
+the face expression read by an independent classifier, each with a 95% bootstrap interval over pairs (docs/design.md §5), for
 one sampling setting or a sweep over guidance scales and step counts, beside baselines scored by the same code.
 
     python eval_avamerg.py --config=configs/avamerg_empath.py --nnet_path=workdir/avamerg_empath/nnet_ema.safetensors \

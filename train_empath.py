@@ -1,4 +1,4 @@
-"""Fine-tune UniDiffuser-v1 into EmpathDiffuser on cached AvaMERG features (DESIGN §2).
+"""Fine-tune UniDiffuser-v1 into EmpathDiffuser on cached AvaMERG features (docs/design.md §2).
 
     accelerate launch --config_file configs/accelerate/ddp.yaml train_empath.py --config=configs/avamerg_empath.py
     python train_empath.py --config=configs/avamerg_tiny.py --config.train.n_steps=50        # one process, CPU

@@ -38,7 +38,7 @@ SPLITS = ('train', 'val', 'test')
 DATA_KEYS = ('root', 'speaker_text', 'val_fraction', 'shard_size', 'batch_size', 'num_workers')
 STAMP, SUMMARY = 'extraction.json', 'summary.json'
 # The precision every encoder runs in, recorded in the manifest and checked where features are read
-# (libs.features.check_precision): sampling and evaluation encode the speaker in fp32 too (DESIGN §5).
+# (libs.features.check_precision): sampling and evaluation encode the speaker in fp32 too (docs/design.md §5).
 PRECISION = 'float32'
 
 

@@ -166,7 +166,7 @@ def read_manifest(root: str) -> dict:
     return manifest
 
 
-# The precision the encoders of a cache ran in: fp32, as sampling and evaluation encode the speaker (DESIGN §5).
+# The precision the encoders of a cache ran in: fp32, as sampling and evaluation encode the speaker (docs/design.md §5).
 ENCODER_PRECISION = 'float32'
 
 

@@ -49,7 +49,7 @@ class TrainingDiverged(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Objective (DESIGN §2)
+# Objective (docs/design.md §2)
 # ----------------------------------------------------------------------------------------------------------------
 
 def sample_latent(moments: torch.Tensor, scale_factor: float, noise: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def noise_prediction(nnet, schedule, x0, t_img, t_text, eps_img, eps_clip, eps_t
 def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config):
     """Per-pair losses (B,) of the training objective, and the emotion logits (None for an unconditional net).
 
-    Conditional (EmpathDiffuser, DESIGN §2): the speaker turn is clean (t = 0); its face (latent + CLIP embedding)
+    Conditional (EmpathDiffuser, docs/design.md §2): the speaker turn is clean (t = 0); its face (latent + CLIP embedding)
     and its text are replaced by Gaussian noise at t = N when dropped. The response face (latent and CLIP share
     t_img) and text (t_text) are noised independently. loss = diffusion loss + λ·CE(emotion); the CE of an
     unlabelled pair counts as 0, so every pair weighs the same and the loss is a plain per-pair mean under any batch
@@ -168,7 +168,7 @@ def validation_randomness(positions: Sequence[int], config, N: int) -> dict:
 
 def speaker_condition(batch: dict, rand: dict, encode_text, config, N: int, present: bool) -> dict:
     """The speaker segment as training feeds it: the clean turn at t = 0, or (``present=False``) the whole speaker
-    absent, Gaussian noise at t = N (DESIGN §2)."""
+    absent, Gaussian noise at t = N (docs/design.md §2)."""
     if not present:
         return dict(img=rand['absent_img'], clip_img=rand['absent_clip'], text=rand['absent_text'],
                     t_img=torch.full_like(rand['t_img'], N), t_text=torch.full_like(rand['t_img'], N))

@@ -2,7 +2,7 @@
 
 Layout follows the official post-LN U-ViT (thu-ml/unidiffuser ``uvit_multi_post_ln{,_v1}``) key for key, so the
 official checkpoints load strictly. EmpathDiffuser adds a clean *condition segment* (the speaker turn) that reuses
-the embedding layers, an [EMO] token read by an emotion head, and gated prefix attention (DESIGN §2):
+the embedding layers, an [EMO] token read by an emotion head, and gated prefix attention (docs/design.md §2):
 
     condition tokens and [EMO]:  attn(q_c, K_c, V_c)                              (the speaker path)
     response tokens:             attn(q, K_resp, V_resp) + g_l · attn(q, K_c, V_c)

@@ -17,14 +17,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
 README_MAX_BYTES = 12 * 1024  # issue 22: a README a researcher reads in five minutes
-# Both spellings: the code cites "DESIGN §2" today and "docs/design.md §2" once the citations are rewritten.
-CITATION = re.compile(r'(?:DESIGN|docs/design\.md) §(\d+)')
+CITATION = re.compile(r'docs/design\.md §(\d+)')
 LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)|<img [^>]*src="([^"]+)"')
-# Files the README and docs link to that other branches of the same change add (merged together). A link to one of
-# them that is still missing skips its test, naming it, instead of passing; any other broken link fails.
-FROM_OTHER_BRANCHES = {'assets/demo_responses.png', 'docs/demo_determinism.md', 'docs/evaluation.md',
-                       'docs/full_size.md', 'docs/memory.md', 'docs/metrics.md', 'docs/sampling_internals.md',
-                       'docs/training_reliability.md'}
 
 
 def tracked(*suffixes):
@@ -56,7 +50,7 @@ def test_readme_is_short():
 @pytest.mark.parametrize('name', markdown_files())
 def test_relative_links_resolve(name):
     text = read(name)
-    broken, pending = [], []
+    broken = []
     for match in LINK.finditer(re.sub(r'```.*?```', '', text, flags=re.S)):
         target = match.group(1) or match.group(2)
         if re.match(r'[a-z]+:', target):  # http(s), mailto: not checked offline
@@ -66,19 +60,15 @@ def test_relative_links_resolve(name):
                                                                                                                name)
         relative = os.path.relpath(resolved, ROOT)
         if not os.path.exists(resolved):
-            (pending if relative in FROM_OTHER_BRANCHES else broken).append(target)
+            broken.append(target)
         elif anchor and resolved.endswith('.md') and anchor not in anchors(read(relative)):
             broken.append(target)
     assert not broken, f'{name}: links that lead nowhere: {broken}'
-    if pending:
-        pytest.skip(f'{name}: links to files another branch adds, not merged yet: {sorted(set(pending))}')
 
 
 # Repository paths named in code spans, e.g. `libs/features.py` or `configs/demo.py:out/demo`.
 CODE_SPAN = re.compile(r'`([^`\n]+)`')
 REPO_PATH = re.compile(r'(?<![\w/])((?:libs|scripts|configs|tests|docs|assets)/[\w./-]*\w)')
-# Paths the other branches of the same change add (see FROM_OTHER_BRANCHES).
-PATHS_FROM_OTHER_BRANCHES = FROM_OTHER_BRANCHES | {'tests/test_help.py'}
 
 
 @pytest.mark.parametrize('name', markdown_files())
@@ -86,9 +76,7 @@ def test_named_repository_paths_exist(name):
     spans = CODE_SPAN.findall(re.sub(r'```.*?```', '', read(name), flags=re.S))
     named = {path for span in spans for path in REPO_PATH.findall(span)}
     missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
-    assert not [p for p in missing if p not in PATHS_FROM_OTHER_BRANCHES], f'{name} names files that do not exist'
-    if missing:
-        pytest.skip(f'{name}: names files another branch adds, not merged yet: {missing}')
+    assert not missing, f'{name} names files that do not exist: {missing}'
 
 
 def test_every_cited_design_section_exists():

@@ -143,7 +143,7 @@ def test_randomness_is_keyed_by_stream_position():
 def test_speaker_dropout_shares_match_the_configured_probabilities():
     config = get_config('unused')
     drop = trainer.speaker_dropout(config.train)
-    assert drop == dict(face=0.05, text=0.05, both=0.10)  # DESIGN §2 defaults
+    assert drop == dict(face=0.05, text=0.05, both=0.10)  # docs/design.md §2 defaults
     n = 5000
     rand = trainer.draw_randomness(range(n), 0, 'train', config, 1000, drop)
     ki, kt = rand['keep_img'], rand['keep_text']

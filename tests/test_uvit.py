@@ -83,7 +83,7 @@ def bilinear_resize(grid, out_hw):
 def official_forward(params, cfg, img, clip_img, text, t_img, t_text, data_type=None, cond=None):
     """An independent restatement of the official post-LN U-ViT forward, written with plain tensor ops.
 
-    With ``cond`` (a speaker-turn dict of the same five inputs) it is the EmpathDiffuser extension of DESIGN §2,
+    With ``cond`` (a speaker-turn dict of the same five inputs) it is the EmpathDiffuser extension of docs/design.md §2,
     written out the same way: the speaker segment (positions pos_embed_cond + segment_embed, [EMO] appended) runs
     through the blocks on its own; each block's response attention adds cond_gate (a linear map per head) applied to a
     separate softmax attention over that block's speaker keys/values; the emotion head reads [EMO]'s final state.
