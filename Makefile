@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean rehearse gpu-check
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ test: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py --out out/demo
+
+# Every stage at full size with random weights on this CPU (about an hour; out/rehearse/rehearsal.md).
+rehearse: setup
+	HF_HUB_OFFLINE=1 $(PY) scripts/rehearse.py --out out/rehearse
+
+# On a lent GPU, offline: full-size throughput and memory into BENCHMARKS.md's GPU table (under 8 minutes).
+gpu-check: setup
+	HF_HUB_OFFLINE=1 $(PY) scripts/gpu_check.py --out out/gpu_check --benchmarks BENCHMARKS.md
 
 clean:
 	rm -rf out/demo

@@ -74,6 +74,7 @@ class Rehearsal:
     out: str
     size: str = 'full'
     full_depth: int = FULL_FINETUNE_DEPTH
+    modes: tuple = ()  # sampling modes of the sample stage; () = every mode of libs.modes
 
     def path(self, *parts) -> str:
         return os.path.join(self.out, *parts)
@@ -455,7 +456,11 @@ def stage_sample(r: Rehearsal):
     rows, face = [], speaker_face(r)
     inputs = {'prompt': [f'--prompt={PROMPT}'], 'img': [f'--img={face}'],
               'speaker': [f'--prompt={PROMPT}', f'--img={face}']}
-    for mode, needs in MODE_INPUTS.items():
+    unknown = [m for m in r.modes if m not in MODE_INPUTS]
+    if unknown:
+        raise UserError(f'--modes: unknown {unknown}; choose from {",".join(MODE_INPUTS)}')
+    for mode in r.modes or MODE_INPUTS:
+        needs = MODE_INPUTS[mode]
         args = [a for need in needs for a in inputs[need]]
         usage = run_command(['sample_multi.py', *config_flags(r), f'--nnet_path={r.export("lora")}',
                              f'--mode={mode}', f'--output_path={r.path("samples")}', *args],
