@@ -36,6 +36,7 @@ SEED = 0
 DIALOGUES, TEST_DIALOGUES = 121, 2
 EXTRACT_LIMIT = {'train': 4, 'val': 2, 'test': 2}  # pairs encoded per split: enough for every later stage
 TRAIN_BATCH, ENCODER_BATCH, EVAL_PAIRS = 1, 2, 2
+TRAIN_STEPS = 2  # the LoRA run: killed after step 1, resumed for step 2
 SAMPLE_STEPS = 2
 # Full fine-tuning keeps weights, gradients, AdamW's two moments and the EMA copy: 20 B per parameter, 19.2 GB for
 # the 959.7M-parameter network before activations; with the other users of a 24 GB machine it does not fit. Depth 8
@@ -49,6 +50,7 @@ CLIP_IMAGE = dict(image_size=224, patch_size=32, hidden_size=768, intermediate_s
 GPT2_VOCAB = 50257  # GPT-2's byte-level BPE; the caption decoder adds <|EOS|>
 INIT_STD = 0.02     # cheap random init of the U-ViT (normal, in place)
 APP_TIMEOUT_S = 600  # the app loads every full-size component before it serves
+POLL_S = 0.2  # how often a watched process is checked (the LoRA kill must land between its two checkpoints)
 
 
 # The imports above are the standard library's only, so scripts/rehearse.py --help answers at once; torch and the
@@ -114,10 +116,10 @@ def overrides(r: Rehearsal) -> dict:
         'data.batch_size': ENCODER_BATCH,
         'train.batch_size': TRAIN_BATCH,
         'train.val_pairs': 1,
-        # Step counts: every interval at one step, so one checkpoint (with its validation) follows every step.
-        'train.n_steps': 2,
+        # Step counts: a checkpoint after every step (the LoRA run is killed between them), validation at the last.
+        'train.n_steps': TRAIN_STEPS,
         'train.log_every': 1,
-        'train.val_every': 1,
+        'train.val_every': TRAIN_STEPS,
         'train.ckpt_every': 1,
         'train.sample_every': 0,
         'sample.sample_steps': SAMPLE_STEPS,
@@ -315,7 +317,7 @@ def _wait(pid: int, start: float, poll: Optional[Callable[[], bool]] = None, on_
             on_poll(pid)
             poll = None
         else:
-            time.sleep(1)
+            time.sleep(POLL_S)
     return os.waitstatus_to_exitcode(status), Usage(round(time.monotonic() - start, 1),
                                                     round(usage.ru_utime + usage.ru_stime, 1),
                                                     round(usage.ru_maxrss / 2 ** 20, 2))
@@ -436,7 +438,7 @@ def stage_full(r: Rehearsal):
     config = load_config(r)
     depth = min(r.full_depth, config.nnet.depth)
     usage = run_command(['train_empath.py', *config_flags(r, name='full', **{
-        'train.n_steps': 1, 'nnet.depth': depth, 'train.init_from': reduced_path(r, depth)})],
+        'train.n_steps': 1, 'train.val_every': 1, 'nnet.depth': depth, 'train.init_from': reduced_path(r, depth)})],
         r.path('logs', 'train_full.log'))
     return [(f'train_empath.py full fine-tune, 1 step, depth {depth} of {config.nnet.depth}', usage)], \
         dict(depth=depth)
@@ -523,9 +525,9 @@ STAGES = {
     'extract': stage_extract,
     'lora': stage_lora,
     'full': stage_full,
-    'sample': stage_sample,
     'eval': stage_eval,
     'app': stage_app,
+    'sample': stage_sample,  # the longest (one process per mode) last, so a partial run has run every script
 }
 
 
