@@ -40,7 +40,8 @@ TRAIN_STEPS = 2  # the LoRA run: killed after step 1, resumed for step 2
 SAMPLE_STEPS = 2
 # Full fine-tuning keeps weights, gradients, AdamW's two moments and the EMA copy: 20 B per parameter, 19.2 GB for
 # the 959.7M-parameter network before activations; with the other users of a 24 GB machine it does not fit. Depth 8
-# (4 + 1 + 4 blocks, 285M parameters, about 5.7 GB of states) keeps the width, the token count and the code path.
+# (4 + 1 + 4 blocks, 277M parameters plus the speaker path, about 5.6 GB of states) keeps the width, the token
+# count and the code path.
 FULL_FINETUNE_DEPTH = 8
 # Full-size CLIP encoders (OpenAI's published configs): ViT-L/14's text tower and ViT-B/32's image tower.
 CLIP_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
