@@ -174,8 +174,8 @@ def sampling(r, s: Settings, nnet_path: str) -> List[Row]:
 def evaluation(r, s: Settings, cuda: bool, nnet_path: str) -> List[Row]:
     out = r.path('eval')
     flags = rehearsal.config_flags(r, **{'sample.sample_steps': s.sample_steps})
-    usage, peak = run_measured(['eval_avamerg.py', *flags, f'--nnet_path={nnet_path}', f'--features={r.path("features", "test")}',
-                                f'--limit={s.eval_pairs}', f'--batch_size={s.eval_pairs}', '--skip_fid',
+    usage, peak = run_measured(['eval_avamerg.py', *flags, f'--nnet_path={nnet_path}',
+                                f'--features={r.path("features", "test")}', f'--limit={s.eval_pairs}', f'--batch_size={s.eval_pairs}', '--skip_fid',
                                 f'--output_path={out}'], r.path('logs', 'eval.log'), cuda)
     with open(os.path.join(out, 'metrics.json'), encoding='utf-8') as f:
         per_pair = json.load(f)['seconds_per_pair']
@@ -210,13 +210,13 @@ def check(out: str, s: Settings, cuda: bool) -> List[Row]:
     return rows
 
 
-def table(rows: List[Row], device: str, seconds: float) -> str:
+def table(rows: List[Row], device: str, seconds: float, size: str) -> str:
     """The markdown that goes between the markers."""
     import torch
     lines = [f'{time.strftime("%Y-%m-%d", time.gmtime())}, **{device}**, torch {torch.__version__}, '
-             f'random full-size weights, `make gpu-check` ({seconds:.0f} s in all). Peak memory: on a GPU what '
-             'nvidia-smi showed for the process (scripts) or `torch.cuda.max_memory_allocated` (sampling); on a CPU '
-             'the peak RSS.', '', '| figure | measured | peak memory GiB | note |', '|---|---|---:|---|']
+             f'random {size}-size components, `scripts/gpu_check.py` ({seconds:.0f} s in all). Peak memory: on a GPU '
+             'what nvidia-smi showed for the process (scripts) or `torch.cuda.max_memory_allocated` (sampling); on a '
+             'CPU the peak RSS.', '', '| figure | measured | peak memory GiB | note |', '|---|---|---:|---|']
     lines += [f'| {row.figure} | {row.value} | {"" if row.peak_gb is None else f"{row.peak_gb:.2f}"} | {row.note} |'
               for row in rows]
     return '\n'.join(lines)

@@ -42,7 +42,8 @@ def main(argv):
     start = time.monotonic()
     rows = gpu_check.check(os.path.abspath(FLAGS.out), settings, cuda)
     # The device name last: the measurements fork, and CUDA must not be initialised in this process before that.
-    body = gpu_check.table(rows, gpu_check.device_name(cuda), time.monotonic() - start)
+    body = gpu_check.table(rows, gpu_check.device_name(cuda), time.monotonic() - start,
+                           settings.size)
     print(body)
     if FLAGS.benchmarks:
         gpu_check.write_between_markers(FLAGS.benchmarks, body)

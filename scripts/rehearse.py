@@ -18,7 +18,8 @@ from libs import cli, rehearsal  # noqa: E402  (rehearsal imports the standard l
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', 'out/rehearse', 'output folder (a rerun reuses its finished stages)')
-flags.DEFINE_enum('size', 'full', list(rehearsal.SIZES), 'full: the real component sizes; tiny: the test-suite components')
+flags.DEFINE_enum('size', 'full', list(rehearsal.SIZES),
+                  'full: the real component sizes; tiny: the test-suite components')
 flags.DEFINE_list('stages', list(rehearsal.STAGES), 'stages to run, in this order: ' + ','.join(rehearsal.STAGES))
 flags.DEFINE_list('modes', [], 'sampling modes of the sample stage (default: every mode, empath ones included)')
 flags.DEFINE_bool('rerun', False, 'run the named stages even when they finished before')
