@@ -106,10 +106,11 @@ def extraction(r, s: Settings, cuda: bool) -> List[Row]:
     for split in ('val', 'test'):  # what training validates on and evaluation reads
         rehearsal.run_command(['extract_features.py', *rehearsal.config_flags(r), f'--split={split}',
                                f'--limit={s.eval_pairs}'], r.path('logs', f'extract_{split}.log'))
-    with open(log, encoding='utf-8') as f:
-        rate = re.findall(r'\(([\d.]+) pairs/s\)', f.read())
-    return [Row(f'feature extraction, {s.extract_pairs} pairs, encoder batch {s.extract_batch}',
-                f'{float(rate[-1]):.2f} pairs/s' if rate else 'no rate logged', peak if cuda else usage.peak_rss_gb,
+    with open(log, encoding='utf-8') as f:  # extract_features.py's own count and time (encoding only, no loading)
+        encoded = re.findall(r'encoded (\d+) pairs in ([\d.]+) s', f.read())
+    rate = f'{int(encoded[-1][0]) / float(encoded[-1][1]):.3g} pairs/s' if encoded else 'no rate logged'
+    return [Row(f'feature extraction, {s.extract_pairs} pairs, encoder batch {s.extract_batch}', rate,
+                peak if cuda else usage.peak_rss_gb,
                 f'{usage.wall_s:.0f} s with loading')]
 
 
