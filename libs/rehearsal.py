@@ -68,7 +68,7 @@ class Usage:
     """What one process (and the children it waited for) used."""
     wall_s: float
     cpu_s: float
-    peak_rss_gb: float
+    peak_rss_gb: float  # GiB (ru_maxrss)
 
 
 @dataclasses.dataclass
@@ -557,7 +557,7 @@ def run(r: Rehearsal, stages=tuple(STAGES), rerun: bool = False) -> str:
         atomic_write_json(marker(r, name), dict(stage=name, size=r.size, info=info, finished=time.strftime(
             '%Y-%m-%d %H:%M:%S UTC', time.gmtime()), rows=[dict(what=w, **dataclasses.asdict(u)) for w, u in rows]))
         for what, u in rows:
-            logger.info('%s: %.1f s wall, %.1f s CPU, peak RSS %.2f GB', what, u.wall_s, u.cpu_s, u.peak_rss_gb)
+            logger.info('%s: %.1f s wall, %.1f s CPU, peak RSS %.2f GiB', what, u.wall_s, u.cpu_s, u.peak_rss_gb)
     return write_table(r)
 
 
@@ -575,7 +575,7 @@ def write_table(r: Rehearsal) -> str:
     """<out>/rehearsal.md: one row per measured process of every finished stage."""
     from libs.io import atomic_write_bytes
     lines = [f'Size: {r.size}. Machine: {machine()}.', '',
-             '| stage | what ran | wall s | CPU s | peak RSS GB | finished |', '|---|---|---:|---:|---:|---|']
+             '| stage | what ran | wall s | CPU s | peak RSS GiB | finished |', '|---|---|---:|---:|---:|---|']
     for name in STAGES:
         if not os.path.isfile(marker(r, name)):
             continue
