@@ -37,6 +37,7 @@ DIALOGUES, TEST_DIALOGUES = 121, 2
 EXTRACT_LIMIT = {'train': 4, 'val': 2, 'test': 2}  # pairs encoded per split: enough for every later stage
 TRAIN_BATCH, ENCODER_BATCH, EVAL_PAIRS = 1, 2, 2
 TRAIN_STEPS = 2  # the LoRA run: killed after step 1, resumed for step 2
+NETWORKS = ('lora', 'full')  # the training runs whose export the later stages can load
 SAMPLE_STEPS = 2
 # Full fine-tuning keeps weights, gradients, AdamW's two moments and the EMA copy: 20 B per parameter, 19.2 GB for
 # the 959.7M-parameter network before activations; with the other users of a 24 GB machine it does not fit. Depth 8
@@ -78,6 +79,9 @@ class Rehearsal:
     size: str = 'full'
     full_depth: int = FULL_FINETUNE_DEPTH
     modes: tuple = ()  # sampling modes of the sample stage; () = every mode of libs.modes
+    # The trained network that sample, eval and app load: the LoRA run's export (full depth), or the full step's
+    # (reduced depth: a quicker check of those scripts with every other component at full size).
+    network: str = 'lora'
 
     def path(self, *parts) -> str:
         return os.path.join(self.out, *parts)
@@ -465,19 +469,20 @@ def stage_sample(r: Rehearsal):
     for mode in r.modes or MODE_INPUTS:
         needs = MODE_INPUTS[mode]
         args = [a for need in needs for a in inputs[need]]
-        usage = run_command(['sample_multi.py', *config_flags(r), f'--nnet_path={r.export("lora")}',
+        usage = run_command(['sample_multi.py', *config_flags(r), f'--nnet_path={r.export(r.network)}',
                              f'--mode={mode}', f'--output_path={r.path("samples")}', *args],
                             r.path('logs', f'sample_{mode}.log'))
-        rows.append((f'sample_multi.py --mode={mode}, {SAMPLE_STEPS} NFE', usage))
+        rows.append((f'sample_multi.py --mode={mode}, {SAMPLE_STEPS} NFE, {r.network} export', usage))
     return rows, {}
 
 
 def stage_eval(r: Rehearsal):
-    usage = run_command(['eval_avamerg.py', *config_flags(r), f'--nnet_path={r.export("lora")}',
+    usage = run_command(['eval_avamerg.py', *config_flags(r), f'--nnet_path={r.export(r.network)}',
                          f'--features={r.path("features", "test")}', f'--limit={EVAL_PAIRS}',
                          f'--batch_size={EVAL_PAIRS}', '--skip_fid', f'--output_path={r.path("eval")}'],
                         r.path('logs', 'eval.log'))
-    return [(f'eval_avamerg.py, {EVAL_PAIRS} pairs, {SAMPLE_STEPS} NFE (no FID: no Inception weights)', usage)], {}
+    return [(f'eval_avamerg.py, {EVAL_PAIRS} pairs, {SAMPLE_STEPS} NFE, {r.network} export (no FID: no Inception '
+             'weights)', usage)], {}
 
 
 def free_port() -> int:
@@ -512,12 +517,12 @@ def stage_app(r: Rehearsal):
         served.append(check())
         os.kill(pid, signal.SIGTERM)
 
-    usage = run_command(['app.py', *config_flags(r), f'--nnet_path={r.export("lora")}', '--host=127.0.0.1',
+    usage = run_command(['app.py', *config_flags(r), f'--nnet_path={r.export(r.network)}', '--host=127.0.0.1',
                          f'--port={port}'], r.path('logs', 'app.log'), poll=up, on_poll=stop,
                         expect=(0, -signal.SIGTERM, 128 + signal.SIGTERM))
     if not served or not served[0]:
         raise StageFailed(f'app.py did not serve {url} within {APP_TIMEOUT_S} s; see {r.path("logs", "app.log")}')
-    return [('app.py: start, serve the page on 127.0.0.1, stop', usage)], dict(url=url)
+    return [(f'app.py on the {r.network} export: start, serve the page on 127.0.0.1, stop', usage)], dict(url=url)
 
 
 STAGES = {
@@ -548,6 +553,8 @@ def run(r: Rehearsal, stages=tuple(STAGES), rerun: bool = False) -> str:
         raise UserError(f'--stages: unknown {unknown}; choose from {",".join(STAGES)}')
     if r.size not in SIZES:
         raise UserError(f'--size={r.size!r}; choose one of {tuple(SIZES)}')
+    if r.network not in NETWORKS:
+        raise UserError(f'--network={r.network!r}; choose one of {NETWORKS}')
     os.makedirs(r.path('stages'), exist_ok=True)
     for name in STAGES:
         if name not in stages or (os.path.isfile(marker(r, name)) and not rerun):

@@ -22,6 +22,8 @@ flags.DEFINE_enum('size', 'full', list(rehearsal.SIZES),
                   'full: the real component sizes; tiny: the test-suite components')
 flags.DEFINE_list('stages', list(rehearsal.STAGES), 'stages to run, in this order: ' + ','.join(rehearsal.STAGES))
 flags.DEFINE_list('modes', [], 'sampling modes of the sample stage (default: every mode, empath ones included)')
+flags.DEFINE_enum('network', 'lora', list(rehearsal.NETWORKS), 'export that sample, eval and app load: the LoRA run '
+                  "(full depth) or the full fine-tuning step (--full_depth; quicker)")
 flags.DEFINE_bool('rerun', False, 'run the named stages even when they finished before')
 flags.DEFINE_integer('full_depth', rehearsal.FULL_FINETUNE_DEPTH, 'U-ViT depth of the one full fine-tuning step '
                      '(full depth needs ~20 B per parameter, more than a 24 GB machine has)', lower_bound=2)
@@ -31,7 +33,8 @@ def main(argv):
     del argv
     import logging
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-    plan = rehearsal.Rehearsal(os.path.abspath(FLAGS.out), FLAGS.size, FLAGS.full_depth, tuple(FLAGS.modes))
+    plan = rehearsal.Rehearsal(os.path.abspath(FLAGS.out), FLAGS.size, FLAGS.full_depth, tuple(FLAGS.modes),
+                               FLAGS.network)
     table = rehearsal.run(plan, FLAGS.stages, FLAGS.rerun)
     with open(table, encoding='utf-8') as f:
         print(f.read())
