@@ -12,7 +12,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null),,$(shell $(PYTHON) -c "import urllib.request as u; \
 	u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1 && echo $(TORCH_CPU_INDEX)))
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean rehearse gpu-check
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo.py --out out/demo
+
+# Every stage at full size with random weights on this CPU (about an hour; out/rehearse/rehearsal.md).
+rehearse: setup
+	HF_HUB_OFFLINE=1 $(PY) scripts/rehearse.py --out out/rehearse
+
+# On a lent GPU, offline: full-size throughput and memory into BENCHMARKS.md's GPU table (under 8 minutes).
+gpu-check: setup
+	HF_HUB_OFFLINE=1 $(PY) scripts/gpu_check.py --out out/gpu_check --benchmarks BENCHMARKS.md
 
 clean:
 	rm -rf out/demo

@@ -265,10 +265,13 @@ def build_tiny_clip_text(out_dir, texts=None, hidden_size=32, num_layers=2, num_
 
 
 def build_tiny_clip_vision(out_dir, image_size=32, patch_size=8, hidden_size=32, projection_dim=16,
-                           num_layers=2, num_heads=2, seed=0):
-    """Save a tiny random CLIPVisionModelWithProjection and an OpenAI-style preprocessor config in out_dir."""
+                           num_layers=2, num_heads=2, seed=0, intermediate_size=None):
+    """Save a tiny random CLIPVisionModelWithProjection and an OpenAI-style preprocessor config in out_dir.
+
+    intermediate_size: the MLP width (default 2 * hidden_size; OpenAI's towers use 4 * hidden_size).
+    """
     config = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-                              intermediate_size=2 * hidden_size, projection_dim=projection_dim,
+                              intermediate_size=intermediate_size or 2 * hidden_size, projection_dim=projection_dim,
                               num_hidden_layers=num_layers, num_attention_heads=num_heads)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
