@@ -5,6 +5,9 @@ embeddings and ``text`` (B, T, Dt) reduced CLIP text. Encoding inputs and decodi
 ``libs/pipeline.py``), so the table holds only the diffusion logic. A modality the network should ignore is fed
 as Gaussian noise at t = N (UniDiffuser's ``true_uncond``); the guidance passes of one step run as one batched
 forward. Primitive modes draw one noise sample each; composite modes (i2t2i, t2i2t) chain primitive ones.
+
+The speaker path does not change between steps: a mode concatenates the speaker caches of its guidance rows once,
+before the solver, and every step reuses that batched cache (``speaker_rows``; docs/sampling_internals.md).
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -83,19 +86,32 @@ def full(ctx, B, value):
     return torch.full((B,), float(value), device=ctx.device)
 
 
-def pair(a, b):
-    """Stack two inputs of one network argument into one batch (tensors or speaker caches)."""
-    if a is None:
+def speaker_rows(caches: Sequence[Optional[ConditionCache]]) -> Optional[ConditionCache]:
+    """One speaker cache for the rows of a batched forward, one cache per guidance pass (None: no speaker segment).
+
+    Called once per solver run, before the first step: concatenating the keys/values of every block at each step
+    would copy the whole cache (hundreds of MB per sample at full size) NFE times for nothing.
+    """
+    if caches[0] is None:
         return None
-    return cat_conditions([a, b]) if isinstance(a, ConditionCache) else torch.cat([a, b])
+    return caches[0] if len(caches) == 1 else cat_conditions(list(caches))
 
 
-def guided(ctx, cond_inputs, uncond_inputs, pick):
-    """ε_cond + s·(ε_cond − ε_uncond) with both passes in one forward; ``pick`` selects outputs to sample."""
+def guidance_passes(ctx) -> int:
+    """How many passes a guided step of a UniDiffuser mode batches: conditional and unconditional, or one at s = 0."""
+    return 1 if ctx.scale == 0 else 2
+
+
+def guided(ctx, cond_inputs, uncond_inputs, pick, speaker=None):
+    """ε_cond + s·(ε_cond − ε_uncond) with both passes in one forward; ``pick`` selects outputs to sample.
+
+    ``speaker`` is the batched cache of the step's rows (``speaker_rows`` of ``guidance_passes`` caches).
+    """
     if ctx.scale == 0:
-        return pick(call_nnet(ctx, **cond_inputs))
+        return pick(call_nnet(ctx, **cond_inputs, speaker=speaker))
     B = next(iter(cond_inputs.values())).shape[0]
-    both = call_nnet(ctx, **{k: pair(cond_inputs[k], uncond_inputs[k]) for k in cond_inputs})
+    both = call_nnet(ctx, **{k: torch.cat([cond_inputs[k], uncond_inputs[k]]) for k in cond_inputs},
+                     speaker=speaker)
     eps = pick(both)
     return cfg(eps[:B], eps[B:], ctx.scale)
 
@@ -115,17 +131,18 @@ def run_solver(ctx, eps_fn, shapes, B):
 
 def mode_t2i(ctx, inputs):
     """Text -> image: guidance against the text marginal (true_uncond) or the empty prompt (empty_token)."""
-    text, speaker = inputs['text'], inputs.get('speaker')
+    text = inputs['text']
     B, N = text.shape[0], ctx.N
+    speaker = speaker_rows([inputs.get('speaker')] * guidance_passes(ctx))
 
     def eps(x, t):
         z, clip_img = split(x, image_shapes(ctx))
-        cond = dict(z=z, clip_img=clip_img, text=text, t_img=t, t_text=full(ctx, B, 0), speaker=speaker)
+        cond = dict(z=z, clip_img=clip_img, text=text, t_img=t, t_text=full(ctx, B, 0))
         if ctx.t2i_cfg_mode == 'empty_token':
             uncond = dict(cond, text=ctx.empty_text.expand(B, -1, -1).to(text))
         else:
             uncond = dict(cond, text=ctx.randn(*text.shape), t_text=full(ctx, B, N))
-        return guided(ctx, cond, uncond, lambda o: combine(o[0], o[1]))
+        return guided(ctx, cond, uncond, lambda o: combine(o[0], o[1]), speaker)
 
     z, clip_img = run_solver(ctx, eps, image_shapes(ctx), B)
     return dict(z=z, clip_img=clip_img)
@@ -133,14 +150,15 @@ def mode_t2i(ctx, inputs):
 
 def mode_i2t(ctx, inputs):
     """Image -> text: guidance against the image marginal."""
-    z, clip_img, speaker = inputs['z'], inputs['clip_img'], inputs.get('speaker')
+    z, clip_img = inputs['z'], inputs['clip_img']
     B, N = z.shape[0], ctx.N
+    speaker = speaker_rows([inputs.get('speaker')] * guidance_passes(ctx))
 
     def eps(x, t):
         (text,) = split(x, [ctx.text_shape])
-        cond = dict(z=z, clip_img=clip_img, text=text, t_img=full(ctx, B, 0), t_text=t, speaker=speaker)
+        cond = dict(z=z, clip_img=clip_img, text=text, t_img=full(ctx, B, 0), t_text=t)
         uncond = dict(cond, z=ctx.randn(*z.shape), clip_img=ctx.randn(*clip_img.shape), t_img=full(ctx, B, N))
-        return guided(ctx, cond, uncond, lambda o: combine(o[2]))
+        return guided(ctx, cond, uncond, lambda o: combine(o[2]), speaker)
 
     (text,) = run_solver(ctx, eps, [ctx.text_shape], B)
     return dict(text=text)
@@ -148,20 +166,20 @@ def mode_i2t(ctx, inputs):
 
 def mode_joint(ctx, inputs):
     """Image and text together; guidance against both single-modality marginals (three passes, one forward)."""
-    speaker = inputs.get('speaker')
     shapes = image_shapes(ctx) + [ctx.text_shape]
     N = ctx.N
+    # Three passes (joint, text only, image only) when guided, else the joint one alone.
+    speaker = speaker_rows([inputs.get('speaker')] * (1 if ctx.scale == 0 else 3))
 
     def eps(x, t):
         z, clip_img, text = split(x, shapes)
         B = z.shape[0]
-        joint = dict(z=z, clip_img=clip_img, text=text, t_img=t, t_text=t, speaker=speaker)
+        joint = dict(z=z, clip_img=clip_img, text=text, t_img=t, t_text=t)
         if ctx.scale == 0:
-            return combine(*call_nnet(ctx, **joint))
+            return combine(*call_nnet(ctx, **joint, speaker=speaker))
         text_only = dict(joint, z=ctx.randn(*z.shape), clip_img=ctx.randn(*clip_img.shape), t_img=full(ctx, B, N))
         img_only = dict(joint, text=ctx.randn(*text.shape), t_text=full(ctx, B, N))
-        batch = {k: pair(pair(joint[k], text_only[k]), img_only[k]) for k in joint}
-        o = call_nnet(ctx, **batch)
+        o = call_nnet(ctx, **{k: torch.cat([joint[k], text_only[k], img_only[k]]) for k in joint}, speaker=speaker)
         cond = combine(o[0][:B], o[1][:B], o[2][:B])
         uncond = combine(o[0][2 * B:], o[1][2 * B:], o[2][B:2 * B])
         return cfg(cond, uncond, ctx.scale)
@@ -218,22 +236,36 @@ def mode_t2i2t(ctx, inputs):
 # EmpathDiffuser response modes: the speaker turn is a clean condition, guidance is over the speaker
 # ----------------------------------------------------------------------------------------------------------------
 
-def speaker_guided(ctx, inputs, response, pick):
+def speaker_passes(ctx) -> Tuple[str, ...]:
+    """The speaker inputs of the passes one empath step batches, in row order (the given turn alone if unguided)."""
+    if ctx.speaker_guidance == 'no_speaker':
+        return ('speaker',) if ctx.scale == 0 else ('speaker', 'speaker_absent')
+    if ctx.scale_text == 0 and ctx.scale_face == 0:
+        return ('speaker',)
+    return 'speaker', 'speaker_text', 'speaker_absent'
+
+
+def speaker_guided(ctx, response, pick, speaker):
     """The response's ε guided over the speaker turn as ``ctx.speaker_guidance`` says, all passes in one forward.
 
-    'no_speaker': ε(· | speaker) + s·(ε(· | speaker) − ε(· | no speaker)). 'two_scale': ``cfg_two_scale`` of the
-    passes with the whole speaker turn, with its utterance alone (``inputs['speaker_text']``) and with no speaker.
-    A speaker input the user left out is absent in every pass, so both rules reduce to guidance over what was given.
+    ``speaker`` is ``speaker_rows`` of the inputs named by ``speaker_passes``. 'no_speaker':
+    ε(· | speaker) + s·(ε(· | speaker) − ε(· | no speaker)). 'two_scale': ``cfg_two_scale`` of the passes with the
+    whole speaker turn, with its utterance alone (``inputs['speaker_text']``) and with no speaker. A speaker input
+    the user left out is absent in every pass, so both rules reduce to guidance over what was given.
     """
-    full, none = dict(response, speaker=inputs['speaker']), dict(response, speaker=inputs['speaker_absent'])
-    if ctx.speaker_guidance == 'no_speaker':
-        return guided(ctx, full, none, pick)
-    if ctx.scale_text == 0 and ctx.scale_face == 0:
-        return pick(call_nnet(ctx, **full))
-    text_only = dict(response, speaker=inputs['speaker_text'])
+    passes = len(speaker_passes(ctx))
+    eps = pick(call_nnet(ctx, **{k: torch.cat([v] * passes) for k, v in response.items()}, speaker=speaker))
+    if passes == 1:
+        return eps
     B = next(iter(response.values())).shape[0]
-    eps = pick(call_nnet(ctx, **{k: pair(pair(full[k], text_only[k]), none[k]) for k in full}))
+    if ctx.speaker_guidance == 'no_speaker':
+        return cfg(eps[:B], eps[B:], ctx.scale)
     return cfg_two_scale(eps[:B], eps[B:2 * B], eps[2 * B:], ctx.scale_text, ctx.scale_face)
+
+
+def empath_rows(ctx, inputs) -> ConditionCache:
+    """The batched speaker cache of every empath step, built once per solver run."""
+    return speaker_rows([inputs[name] for name in speaker_passes(ctx)])
 
 
 def emotion_of(inputs):
@@ -244,11 +276,12 @@ def emotion_of(inputs):
 def mode_empath(ctx, inputs):
     """Speaker turn -> response face and utterance (jointly), plus the speaker's emotion."""
     shapes = image_shapes(ctx) + [ctx.text_shape]
+    speaker = empath_rows(ctx, inputs)
 
     def eps(x, t):
         z, clip_img, text = split(x, shapes)
         response = dict(z=z, clip_img=clip_img, text=text, t_img=t, t_text=t)
-        return speaker_guided(ctx, inputs, response, lambda o: combine(*o))
+        return speaker_guided(ctx, response, lambda o: combine(*o), speaker)
 
     z, clip_img, text = run_solver(ctx, eps, shapes, inputs['speaker'].emotion_logits.shape[0])
     return dict(z=z, clip_img=clip_img, text=text, emotion=emotion_of(inputs))
@@ -257,12 +290,13 @@ def mode_empath(ctx, inputs):
 def mode_empath_t(ctx, inputs):
     """Speaker turn -> response utterance only (the response face is marginalised)."""
     B, N = inputs['speaker'].emotion_logits.shape[0], ctx.N
+    speaker = empath_rows(ctx, inputs)
 
     def eps(x, t):
         (text,) = split(x, [ctx.text_shape])
         response = dict(z=ctx.randn(B, *ctx.z_shape), clip_img=ctx.randn(B, 1, ctx.clip_img_dim), text=text,
                         t_img=full(ctx, B, N), t_text=t)
-        return speaker_guided(ctx, inputs, response, lambda o: combine(o[2]))
+        return speaker_guided(ctx, response, lambda o: combine(o[2]), speaker)
 
     (text,) = run_solver(ctx, eps, [ctx.text_shape], B)
     return dict(text=text, emotion=emotion_of(inputs))
@@ -271,11 +305,12 @@ def mode_empath_t(ctx, inputs):
 def mode_empath_i(ctx, inputs):
     """Speaker turn -> response face only (the response utterance is marginalised)."""
     B, N = inputs['speaker'].emotion_logits.shape[0], ctx.N
+    speaker = empath_rows(ctx, inputs)
 
     def eps(x, t):
         z, clip_img = split(x, image_shapes(ctx))
         response = dict(z=z, clip_img=clip_img, text=ctx.randn(B, *ctx.text_shape), t_img=t, t_text=full(ctx, B, N))
-        return speaker_guided(ctx, inputs, response, lambda o: combine(o[0], o[1]))
+        return speaker_guided(ctx, response, lambda o: combine(o[0], o[1]), speaker)
 
     z, clip_img = run_solver(ctx, eps, image_shapes(ctx), B)
     return dict(z=z, clip_img=clip_img, emotion=emotion_of(inputs))
