@@ -184,11 +184,19 @@ def encode_images(comp: Components, images: List[Image.Image], generator=None):
     return z, comp.clip_img.encode(crops).to(comp.device).float()
 
 
-def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None):
-    """Encoded speaker turn (batched, any part may be None) -> condition cache; absent = noise at t = N."""
+def absent_speaker(ctx, B) -> dict:
+    """A speaker turn with every modality absent: Gaussian noise at t = N, drawn from the context's generator."""
     N = ctx.N
-    cond = dict(img=ctx.randn(B, *ctx.z_shape), clip_img=ctx.randn(B, 1, ctx.clip_img_dim),
+    return dict(img=ctx.randn(B, *ctx.z_shape), clip_img=ctx.randn(B, 1, ctx.clip_img_dim),
                 text=ctx.randn(B, *ctx.text_shape), t_img=modes.full(ctx, B, N), t_text=modes.full(ctx, B, N))
+
+
+def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None, absent=None):
+    """Encoded speaker turn (batched, any part may be None) -> condition cache; absent = noise at t = N.
+
+    ``absent`` (an ``absent_speaker``) supplies the noise of the missing parts; None draws a fresh one.
+    """
+    cond = dict(absent_speaker(ctx, B) if absent is None else absent)
     if z is not None:
         cond.update(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1), t_img=modes.full(ctx, B, 0))
     if text is not None:
@@ -200,11 +208,13 @@ def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None):
 def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None) -> dict:
     """The speaker caches an empath mode reads: the given turn, no speaker, and (two_scale) its utterance alone.
 
-    Drawn in this order from the context's generator, so a seed fixes the absent modalities' noise too.
+    One draw of the absent modalities' noise (from the context's generator, so a seed fixes it) stands for them in
+    every branch: a branch differs from another only by what the speaker gave (DESIGN §2).
     """
-    inputs = dict(speaker=speaker_condition(comp, ctx, B, z, clip_img, text))
+    absent = absent_speaker(ctx, B)
+    inputs = dict(speaker=speaker_condition(comp, ctx, B, z, clip_img, text, absent=absent))
     for name in modes.SPEAKER_GUIDANCE[ctx.speaker_guidance]:
-        inputs[name] = speaker_condition(comp, ctx, B, text=text if name == 'speaker_text' else None)
+        inputs[name] = speaker_condition(comp, ctx, B, text=text if name == 'speaker_text' else None, absent=absent)
     return inputs
 
 

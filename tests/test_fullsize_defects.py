@@ -55,3 +55,141 @@ def test_emotion_loss_is_the_cross_entropy_of_the_pairs_with_a_speaker():
     want = torch.tensor([-log_p[i, y].item() for i, y in enumerate(labels[:3])] + [0., 0.])
     torch.testing.assert_close(ce, want)
     assert grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling: the guidance rows' speaker cache is built once per solver run; kept caches hold K and V alone; every
+# branch shares one draw of the absent speaker's noise
+# ----------------------------------------------------------------------------------------------------------------
+
+TINY = dict(img_size=4, in_chans=4, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, qkv_bias=False,
+            mlp_time_embed=False, text_dim=6, num_text_tokens=5, clip_img_dim=8)
+Z, DC, TEXT = (4, 4, 4), 8, (5, 6)
+
+
+def tiny_empath(**kw):
+    torch.manual_seed(0)
+    return build_nnet(dict(TINY, name='uvit_empath', **kw))
+
+
+def context(nnet, steps, **kw):
+    from libs import modes
+    from libs.diffusion import NoiseScheduleVP, dpm_solver_pp_fast
+    betas = stable_diffusion_betas()
+    return modes.Context(nnet=nnet, sampler=dpm_solver_pp_fast, schedule=NoiseScheduleVP(betas), N=len(betas),
+                         steps=steps, scale=3., z_shape=Z, clip_img_dim=DC, text_shape=TEXT,
+                         generator=torch.Generator().manual_seed(0), **kw)
+
+
+def speaker_turn(n, g, t_img=0., t_text=0.):
+    return dict(img=torch.randn(n, *Z, generator=g), clip_img=torch.randn(n, 1, DC, generator=g),
+                text=torch.randn(n, *TEXT, generator=g), t_img=torch.full((n,), t_img),
+                t_text=torch.full((n,), t_text))
+
+
+class CountingNet:
+    """Wraps the U-ViT: records the speaker cache object every forward receives."""
+
+    def __init__(self, nnet):
+        self.nnet, self.condition, self.caches = nnet, nnet.condition, []
+
+    def __call__(self, *args, cond_cache=None):
+        self.caches.append(cond_cache)
+        return self.nnet(*args, cond_cache=cond_cache)
+
+
+@pytest.mark.parametrize('mode,rule', [('empath', 'no_speaker'), ('empath_i', 'two_scale'), ('t2i', 'no_speaker'),
+                                       ('joint', 'no_speaker'), ('i2t2i', 'no_speaker')])
+@pytest.mark.parametrize('steps', [2, 5])
+@torch.no_grad()
+def test_guidance_rows_are_concatenated_once_per_solver_run(monkeypatch, mode, rule, steps):
+    from libs import modes
+    from libs import uvit
+    nnet = tiny_empath().eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(n=2, text=torch.randn(2, *TEXT, generator=g), z=torch.randn(2, *Z, generator=g),
+                  clip_img=torch.randn(2, 1, DC, generator=g),
+                  speaker=nnet.encode_condition(speaker_turn(2, g)),
+                  speaker_absent=nnet.encode_condition(speaker_turn(2, g, 1000., 1000.)),
+                  speaker_text=nnet.encode_condition(speaker_turn(2, g, 1000., 0.)))
+    calls = []
+
+    def counting(caches):
+        calls.append(len(caches))
+        return uvit.cat_conditions(caches)
+    monkeypatch.setattr(modes, 'cat_conditions', counting)
+    net = CountingNet(nnet)
+    modes.get_mode(mode)(context(net, steps, speaker_guidance=rule), inputs)
+    runs = 2 if mode == 'i2t2i' else 1  # a composite mode runs two solvers
+    rows = {'empath': 2, 'empath_i': 3, 't2i': 2, 'joint': 3, 'i2t2i': 2}[mode]
+    assert calls == [rows] * runs
+    assert len(net.caches) == runs * steps
+    per_run = [net.caches[i * steps:(i + 1) * steps] for i in range(runs)]
+    assert all(all(c is run[0] for c in run) for run in per_run)  # one batched cache reused by every step
+    assert all(run[0].kv[0][0].shape[0] == rows * 2 for run in per_run)
+
+
+def kv_storage_bytes(cache):
+    """(bytes of the distinct storages behind the cache's tensors, bytes of the K and V tensors themselves)."""
+    storages = {}
+    for kv in cache.kv:
+        for t in kv:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values()), sum(t.numel() * t.element_size() for kv in cache.kv for t in kv)
+
+
+def test_kept_speaker_cache_holds_keys_and_values_only():
+    nnet = tiny_empath().eval()
+    turn = speaker_turn(3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        held, kv = kv_storage_bytes(nnet.encode_condition(turn))
+    assert held == kv
+    # Checkpointed training keeps the block outputs (the cache) but not the fused projection inside the block.
+    nnet = tiny_empath(use_checkpoint=True).train()
+    held, kv = kv_storage_bytes(nnet.encode_condition(turn))
+    assert held == kv
+
+
+def test_compact_cache_gives_the_same_response():
+    nnet = tiny_empath().eval()
+    g = torch.Generator().manual_seed(3)
+    turn, x = speaker_turn(2, g), speaker_turn(2, g, 500., 20.)
+    x['data_type'] = torch.ones(2, dtype=torch.long)
+    with torch.no_grad():
+        compact = nnet(**x, cond_cache=nnet.encode_condition(turn))
+    views = nnet(**x, cond=turn)  # under autograd the cache stays views of the fused projection
+    assert all(torch.equal(a, b) for a, b in zip(compact, views))
+
+
+class RecordingEncoder:
+    """Stands in for the conditional U-ViT in libs.pipeline: records the speaker turns it encodes."""
+    condition = True
+
+    def __init__(self):
+        self.turns = []
+
+    def encode_condition(self, cond):
+        self.turns.append(cond)
+        return cond
+
+
+@pytest.mark.parametrize('given', ['face', 'utterance', 'none'])
+@pytest.mark.parametrize('rule', ['no_speaker', 'two_scale'])
+def test_every_branch_shares_one_draw_of_the_absent_noise(given, rule):
+    from types import SimpleNamespace
+
+    from libs import pipeline
+    g = torch.Generator().manual_seed(4)
+    z, clip_img, text = torch.randn(1, *Z, generator=g), torch.randn(1, 1, DC, generator=g), torch.randn(1, *TEXT,
+                                                                                                         generator=g)
+    face = dict(z=z, clip_img=clip_img) if given == 'face' else {}
+    utterance = dict(text=text) if given == 'utterance' else {}
+    comp = SimpleNamespace(nnet=RecordingEncoder())
+    ctx = context(None, 1, speaker_guidance=rule)
+    branches = pipeline.speaker_inputs(comp, ctx, 2, **face, **utterance)
+    assert len(comp.nnet.turns) == (3 if rule == 'two_scale' else 2)
+    absent = branches['speaker_absent']
+    for name, turn in branches.items():
+        for key, t in (('img', 't_img'), ('clip_img', 't_img'), ('text', 't_text')):
+            if bool((turn[t] == ctx.N).all()):
+                assert torch.equal(turn[key], absent[key]), f'{name}.{key}'

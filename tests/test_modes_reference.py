@@ -389,9 +389,9 @@ def components(tiny_models):
 
 def pipeline_reference_turns(comp, seed, given, rule, image, prompt):
     """The speaker turns generate() must build, drawn in this order from a generator seeded like the context's:
-    the VAE posterior noise of the speaker face (if given), then for each turn (speaker, speaker_absent, then
-    speaker_text for two_scale) the noise of its latent, CLIP embedding and text, each (B, ...), whether or not
-    the turn then replaces it with the given (clean, t = 0) input."""
+    the VAE posterior noise of the speaker face (if given), then once the noise of the latent, CLIP embedding and
+    text, each (B, ...), that every turn (speaker, speaker_absent, speaker_text for two_scale) shares where its
+    input is absent (a given input replaces it, clean at t = 0)."""
     config, g = comp.config, torch.Generator().manual_seed(seed)
     n = 3
     face = utterance = None
@@ -401,12 +401,11 @@ def pipeline_reference_turns(comp, seed, given, rule, image, prompt):
     if 'utterance' in given:
         utterance = pipeline.encode_prompts(comp, [prompt]).repeat(n, 1, 1)
     T, Dt = config.num_text_tokens, config.text_dim
+    noise = dict(img=torch.randn(n, *config.z_shape, generator=g),
+                 clip_img=torch.randn(n, 1, config.clip_img_dim, generator=g), text=torch.randn(n, T, Dt, generator=g))
 
     def turn(with_face, with_utterance):
-        out = dict(img=torch.randn(n, *config.z_shape, generator=g),
-                   clip_img=torch.randn(n, 1, config.clip_img_dim, generator=g),
-                   text=torch.randn(n, T, Dt, generator=g), t_img=torch.full((n,), 1000.),
-                   t_text=torch.full((n,), 1000.))
+        out = dict(noise, t_img=torch.full((n,), 1000.), t_text=torch.full((n,), 1000.))
         if with_face:
             out.update(face, t_img=torch.zeros(n))
         if with_utterance:
