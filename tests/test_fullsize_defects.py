@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from configs.avamerg_empath import get_config as empath_full_config
 from configs.avamerg_tiny import get_config as tiny_train_config
 from libs import trainer
 from libs.diffusion import Schedule, stable_diffusion_betas
@@ -193,3 +194,58 @@ def test_every_branch_shares_one_draw_of_the_absent_noise(given, rule):
         for key, t in (('img', 't_img'), ('clip_img', 't_img'), ('text', 't_text')):
             if bool((turn[t] == ctx.N).all()):
                 assert torch.equal(turn[key], absent[key]), f'{name}.{key}'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full size, shapes only: fake tensors run the real code paths and allocate nothing
+# ----------------------------------------------------------------------------------------------------------------
+
+def full_size_fake(build):
+    """A full-size network built on the meta device (initialisers read values, fake tensors have none), then
+    given fake storage; returns (network, the fake mode to run it under)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with torch.device('meta'):
+        nnet = build()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        nnet = nnet.to_empty(device='cpu')
+    return nnet, mode
+
+
+def test_full_size_empath_solver_step_with_two_guidance_rows_runs_on_fake_tensors():
+    from libs import modes
+    full = empath_full_config()
+    nnet, fake = full_size_fake(lambda: build_nnet(full.nnet).eval().requires_grad_(False))
+    z_shape, text_shape = tuple(full.z_shape), (full.num_text_tokens, full.text_dim)
+    with fake, torch.no_grad():
+        turn = dict(img=torch.zeros(1, *z_shape), clip_img=torch.zeros(1, 1, full.clip_img_dim),
+                    text=torch.zeros(1, *text_shape), t_img=torch.zeros(1), t_text=torch.zeros(1))
+        absent = dict(turn, t_img=torch.full((1,), 1000.), t_text=torch.full((1,), 1000.))
+        inputs = dict(n=1, speaker=nnet.encode_condition(turn), speaker_absent=nnet.encode_condition(absent))
+        net = CountingNet(nnet)
+        ctx = context(net, 1)
+        ctx.z_shape, ctx.clip_img_dim, ctx.text_shape = z_shape, full.clip_img_dim, text_shape
+        ctx.generator = None  # fake tensors draw no numbers
+        out = modes.mode_empath(ctx, inputs)
+    assert len(net.caches) == 1 and net.caches[0].kv[0][0].shape[0] == 2  # one step, speaker + no-speaker rows
+    assert tuple(out['z'].shape) == (1, *z_shape) and tuple(out['text'].shape) == (1, *text_shape)
+    assert tuple(out['emotion'].shape) == (1, full.nnet.num_emotions)
+    patches = (full.nnet.img_size // full.nnet.patch_size) ** 2
+    speaker_tokens = 2 + full.num_text_tokens + 1 + patches + 1  # timesteps, text, CLIP, patches, [EMO]
+    assert inputs['speaker'].kv[0][0].shape == (1, full.nnet.num_heads, speaker_tokens,
+                                                full.nnet.embed_dim // full.nnet.num_heads)
+
+
+def test_full_size_training_forward_and_backward_run_on_fake_tensors():
+    full = empath_full_config()
+    assert full.nnet.use_checkpoint  # the shipped full-size default
+    nnet, fake = full_size_fake(lambda: build_nnet(full.nnet).train())
+    labels = [3, -1]
+    batch = tiny_batch(full, labels, torch.Generator().manual_seed(5))
+    rand = trainer.draw_randomness(range(len(labels)), 0, 'train', full, 1000, trainer.speaker_dropout(full.train))
+    with fake:
+        reducer = torch.nn.Linear(full.clip_text_dim, full.text_dim).requires_grad_(False)
+        losses, logits = trainer.training_losses(nnet, batch, rand, reducer, Schedule(stable_diffusion_betas()), full)
+        losses['loss'].mean().backward()
+    assert tuple(losses['loss'].shape) == (2,) and tuple(logits.shape) == (2, full.nnet.num_emotions)
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in nnet.parameters())
