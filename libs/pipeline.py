@@ -209,7 +209,7 @@ def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None) -> dict:
     """The speaker caches an empath mode reads: the given turn, no speaker, and (two_scale) its utterance alone.
 
     One draw of the absent modalities' noise (from the context's generator, so a seed fixes it) stands for them in
-    every branch: a branch differs from another only by what the speaker gave (DESIGN §2).
+    every branch: a branch differs from another only by what the speaker gave (docs/sampling_internals.md).
     """
     absent = absent_speaker(ctx, B)
     inputs = dict(speaker=speaker_condition(comp, ctx, B, z, clip_img, text, absent=absent))
