@@ -237,7 +237,7 @@ def mode_t2i2t(ctx, inputs):
 # ----------------------------------------------------------------------------------------------------------------
 
 def speaker_passes(ctx) -> Tuple[str, ...]:
-    """The speaker inputs of the passes one empath step batches, in row order (the given turn alone if unguided)."""
+    """Names of the speaker inputs of the passes one empath step batches, in row order (one pass if unguided)."""
     if ctx.speaker_guidance == 'no_speaker':
         return ('speaker',) if ctx.scale == 0 else ('speaker', 'speaker_absent')
     if ctx.scale_text == 0 and ctx.scale_face == 0:

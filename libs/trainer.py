@@ -41,7 +41,6 @@ CKPT = re.compile(r'^(\d+)\.ckpt$')
 CKPT_FILES = ('nnet.safetensors', 'nnet_ema.safetensors', 'training_state.pt', 'config.json')
 DIVERGED_EXIT_CODE = 3  # train_empath.py's exit status when the non-finite guard stops a run (UserError: 2)
 LOSS_TERMS = ('img', 'clip', 'text', 'emotion')
-IGNORE_LABEL = -1  # the feature caches' label of an unknown emotion; the emotion CE skips it
 LOGVAR_RANGE = (-30., 20.)  # LDM's posterior clamps log-variance to this range before sampling
 
 
@@ -117,6 +116,9 @@ def noise_prediction(nnet, schedule, x0, t_img, t_text, eps_img, eps_clip, eps_t
     return nnet(*noisy, t_img, t_text, data_type, **cond)
 
 
+IGNORE_LABEL = -1  # the feature caches' label of an unknown emotion; the emotion CE skips it
+
+
 def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config):
     """Per-pair losses (B,) of the training objective, and the emotion logits (None for an unconditional net).
 
@@ -124,8 +126,9 @@ def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config
     and its text are replaced by Gaussian noise at t = N when dropped. The response face (latent and CLIP share
     t_img) and text (t_text) are noised independently. loss = diffusion loss + λ·CE(emotion); the CE of an
     unlabelled pair, or of a pair whose whole speaker was dropped (nothing to classify), counts as 0, so every pair
-    weighs the same and the loss is a plain per-pair mean under any batch split. Unconditional (UniDiffuser's joint objective, used to pre-train): the speaker's and the response's
-    (face, utterance) are two independent image-text samples; a pair's loss is the mean of their two losses.
+    weighs the same and the loss is a plain per-pair mean under any batch split. Unconditional (UniDiffuser's joint
+    objective, used to pre-train): the speaker's and the response's (face, utterance) are two independent image-text
+    samples; a pair's loss is the mean of their two losses.
     """
     N, scale, weighting = schedule.N, config.autoencoder.scale_factor, config.train.loss_weighting
     z_speaker = sample_latent(batch['speaker_moments'], scale, rand['speaker_latent'])
