@@ -1,11 +1,16 @@
-"""Defects of the full-size path (issue 21): each test fails on the code before its fix."""
+"""Defects of the full-size path (issue 21), each tested on tiny networks so that the test fails on the code before
+its fix; then one full-size empath solver step and one full-size training step on fake tensors (shapes only).
+"""
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from configs.avamerg_empath import get_config as empath_full_config
 from configs.avamerg_tiny import get_config as tiny_train_config
-from libs import trainer
-from libs.diffusion import Schedule, stable_diffusion_betas
+from libs import modes, pipeline, trainer, uvit
+from libs.diffusion import NoiseScheduleVP, Schedule, dpm_solver_pp_fast, stable_diffusion_betas
 from libs.uvit import build_nnet
 
 
@@ -14,7 +19,7 @@ from libs.uvit import build_nnet
 # ----------------------------------------------------------------------------------------------------------------
 
 def tiny_batch(config, labels, g):
-    """A feature batch of len(labels) pairs with the tiny config's shapes."""
+    """A random feature batch of len(labels) pairs with the config's shapes."""
     B, (C, h, w) = len(labels), config.z_shape
     T, Dc = config.num_text_tokens, config.clip_text_dim
     return dict(speaker_moments=torch.randn(B, 2 * C, h, w, generator=g),
@@ -74,8 +79,6 @@ def tiny_empath(**kw):
 
 
 def context(nnet, steps, **kw):
-    from libs import modes
-    from libs.diffusion import NoiseScheduleVP, dpm_solver_pp_fast
     betas = stable_diffusion_betas()
     return modes.Context(nnet=nnet, sampler=dpm_solver_pp_fast, schedule=NoiseScheduleVP(betas), N=len(betas),
                          steps=steps, scale=3., z_shape=Z, clip_img_dim=DC, text_shape=TEXT,
@@ -104,8 +107,6 @@ class CountingNet:
 @pytest.mark.parametrize('steps', [2, 5])
 @torch.no_grad()
 def test_guidance_rows_are_concatenated_once_per_solver_run(monkeypatch, mode, rule, steps):
-    from libs import modes
-    from libs import uvit
     nnet = tiny_empath().eval()
     g = torch.Generator().manual_seed(1)
     inputs = dict(n=2, text=torch.randn(2, *TEXT, generator=g), z=torch.randn(2, *Z, generator=g),
@@ -177,9 +178,6 @@ class RecordingEncoder:
 @pytest.mark.parametrize('given', ['face', 'utterance', 'none'])
 @pytest.mark.parametrize('rule', ['no_speaker', 'two_scale'])
 def test_every_branch_shares_one_draw_of_the_absent_noise(given, rule):
-    from types import SimpleNamespace
-
-    from libs import pipeline
     g = torch.Generator().manual_seed(4)
     z, clip_img, text = torch.randn(1, *Z, generator=g), torch.randn(1, 1, DC, generator=g), torch.randn(1, *TEXT,
                                                                                                          generator=g)
@@ -203,7 +201,6 @@ def test_every_branch_shares_one_draw_of_the_absent_noise(given, rule):
 def full_size_fake(build):
     """A full-size network built on the meta device (initialisers read values, fake tensors have none), then
     given fake storage; returns (network, the fake mode to run it under)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     with torch.device('meta'):
         nnet = build()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -213,7 +210,6 @@ def full_size_fake(build):
 
 
 def test_full_size_empath_solver_step_with_two_guidance_rows_runs_on_fake_tensors():
-    from libs import modes
     full = empath_full_config()
     nnet, fake = full_size_fake(lambda: build_nnet(full.nnet).eval().requires_grad_(False))
     z_shape, text_shape = tuple(full.z_shape), (full.num_text_tokens, full.text_dim)
