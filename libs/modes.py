@@ -6,8 +6,9 @@ embeddings and ``text`` (B, T, Dt) reduced CLIP text. Encoding inputs and decodi
 as Gaussian noise at t = N (UniDiffuser's ``true_uncond``); the guidance passes of one step run as one batched
 forward. Primitive modes draw one noise sample each; composite modes (i2t2i, t2i2t) chain primitive ones.
 
-The speaker path does not change between steps: a mode concatenates the speaker caches of its guidance rows once,
-before the solver, and every step reuses that batched cache (``speaker_rows``; docs/sampling_internals.md).
+The speaker path does not change between steps: the caller encodes the speaker turns of every guidance row of a step
+in one call (``speaker_branches`` says which, ``libs.pipeline.speaker_inputs`` builds it), and every step of the
+solver reuses that one cache (docs/sampling_internals.md).
 """
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -17,7 +18,7 @@ import torch
 from libs import precision
 from libs.diffusion import cfg, cfg_two_scale
 from libs.errors import UserError
-from libs.uvit import ConditionCache, cat_conditions
+from libs.uvit import ConditionCache
 
 
 @dataclass
@@ -86,26 +87,28 @@ def full(ctx, B, value):
     return torch.full((B,), float(value), device=ctx.device)
 
 
-def speaker_rows(caches: Sequence[Optional[ConditionCache]]) -> Optional[ConditionCache]:
-    """One speaker cache for the rows of a batched forward, one cache per guidance pass (None: no speaker segment).
+def speaker_cache(ctx, mode, inputs, B=None) -> Optional[ConditionCache]:
+    """``inputs['speaker']``: the one speaker cache of every row a step of ``mode`` batches (None: no speaker segment).
 
-    Called once per solver run, before the first step: concatenating the keys/values of every block at each step
-    would copy the whole cache (hundreds of MB per sample at full size) NFE times for nothing.
+    Its rows are the turns of ``speaker_branches(ctx, mode)``, B rows each (None: as many as the cache holds), stacked
+    in that order. Built once per sample, before the solver, it is the only copy of the speaker's keys/values.
     """
-    if caches[0] is None:
+    cache = inputs.get('speaker')
+    if cache is None:
         return None
-    return caches[0] if len(caches) == 1 else cat_conditions(list(caches))
-
-
-def guidance_passes(ctx) -> int:
-    """How many passes a guided step of a UniDiffuser mode batches: conditional and unconditional, or one at s = 0."""
-    return 1 if ctx.scale == 0 else 2
+    branches, rows = speaker_branches(ctx, mode), cache.emotion_logits.shape[0]
+    if rows == 0 or rows % len(branches) or (B is not None and rows != len(branches) * B):
+        each = 'the same number of' if B is None else B
+        raise ValueError(f'mode {mode}: the speaker cache has {rows} rows, but a step batches the passes '
+                         f'{" + ".join(branches)} with {each} rows each; build it with libs.pipeline.speaker_inputs '
+                         'for this mode and context')
+    return cache
 
 
 def guided(ctx, cond_inputs, uncond_inputs, pick, speaker=None):
     """ε_cond + s·(ε_cond − ε_uncond) with both passes in one forward; ``pick`` selects outputs to sample.
 
-    ``speaker`` is the batched cache of the step's rows (``speaker_rows`` of ``guidance_passes`` caches).
+    ``speaker`` is the cache of the step's rows (``speaker_cache``).
     """
     if ctx.scale == 0:
         return pick(call_nnet(ctx, **cond_inputs, speaker=speaker))
@@ -133,7 +136,7 @@ def mode_t2i(ctx, inputs):
     """Text -> image: guidance against the text marginal (true_uncond) or the empty prompt (empty_token)."""
     text = inputs['text']
     B, N = text.shape[0], ctx.N
-    speaker = speaker_rows([inputs.get('speaker')] * guidance_passes(ctx))
+    speaker = speaker_cache(ctx, 't2i', inputs, B)
 
     def eps(x, t):
         z, clip_img = split(x, image_shapes(ctx))
@@ -152,7 +155,7 @@ def mode_i2t(ctx, inputs):
     """Image -> text: guidance against the image marginal."""
     z, clip_img = inputs['z'], inputs['clip_img']
     B, N = z.shape[0], ctx.N
-    speaker = speaker_rows([inputs.get('speaker')] * guidance_passes(ctx))
+    speaker = speaker_cache(ctx, 'i2t', inputs, B)
 
     def eps(x, t):
         (text,) = split(x, [ctx.text_shape])
@@ -168,8 +171,7 @@ def mode_joint(ctx, inputs):
     """Image and text together; guidance against both single-modality marginals (three passes, one forward)."""
     shapes = image_shapes(ctx) + [ctx.text_shape]
     N = ctx.N
-    # Three passes (joint, text only, image only) when guided, else the joint one alone.
-    speaker = speaker_rows([inputs.get('speaker')] * (1 if ctx.scale == 0 else 3))
+    speaker = speaker_cache(ctx, 'joint', inputs, inputs['n'])  # passes: joint, text only, image only (guided)
 
     def eps(x, t):
         z, clip_img, text = split(x, shapes)
@@ -190,7 +192,7 @@ def mode_joint(ctx, inputs):
 
 def mode_i(ctx, inputs):
     """Image only: the text is marginalised (noise at t = N); no guidance."""
-    speaker, N = inputs.get('speaker'), ctx.N
+    speaker, N = speaker_cache(ctx, 'i', inputs, inputs['n']), ctx.N
 
     def eps(x, t):
         z, clip_img = split(x, image_shapes(ctx))
@@ -203,7 +205,7 @@ def mode_i(ctx, inputs):
 
 def mode_t(ctx, inputs):
     """Text only: the image is marginalised (noise at t = N); no guidance."""
-    speaker, N = inputs.get('speaker'), ctx.N
+    speaker, N = speaker_cache(ctx, 't', inputs, inputs['n']), ctx.N
 
     def eps(x, t):
         (text,) = split(x, [ctx.text_shape])
@@ -237,7 +239,7 @@ def mode_t2i2t(ctx, inputs):
 # ----------------------------------------------------------------------------------------------------------------
 
 def speaker_passes(ctx) -> Tuple[str, ...]:
-    """Names of the speaker inputs of the passes one empath step batches, in row order (one pass if unguided)."""
+    """Names of the speaker branches of the passes one empath step batches, in row order (one pass if unguided)."""
     if ctx.speaker_guidance == 'no_speaker':
         return ('speaker',) if ctx.scale == 0 else ('speaker', 'speaker_absent')
     if ctx.scale_text == 0 and ctx.scale_face == 0:
@@ -245,13 +247,25 @@ def speaker_passes(ctx) -> Tuple[str, ...]:
     return 'speaker', 'speaker_text', 'speaker_absent'
 
 
+def speaker_branches(ctx, mode) -> Tuple[str, ...]:
+    """The speaker branch (a key of ``SPEAKER_BRANCHES``) of each group of rows one step of ``mode`` batches.
+
+    An empath step's passes see the speaker turn, its utterance alone or no speaker (``speaker_passes``); every pass
+    of a UniDiffuser mode sees the one turn given, the absent speaker when a fine-tuned network samples as
+    UniDiffuser. A composite mode's two solvers batch the same passes, so they share the cache.
+    """
+    if mode in EMPATH_MODES:
+        return speaker_passes(ctx)
+    return ('speaker',) * (1 if ctx.scale == 0 else UNIDIFFUSER_PASSES[mode])
+
+
 def speaker_guided(ctx, response, pick, speaker):
     """The response's ε guided over the speaker turn as ``ctx.speaker_guidance`` says, all passes in one forward.
 
-    ``speaker`` is ``speaker_rows`` of the inputs named by ``speaker_passes``. 'no_speaker':
+    ``speaker`` is the cache of the passes named by ``speaker_passes``, stacked. 'no_speaker':
     ε(· | speaker) + s·(ε(· | speaker) − ε(· | no speaker)). 'two_scale': ``cfg_two_scale`` of the passes with the
-    whole speaker turn, with its utterance alone (``inputs['speaker_text']``) and with no speaker. A speaker input
-    the user left out is absent in every pass, so both rules reduce to guidance over what was given.
+    whole speaker turn, with its utterance alone and with no speaker. A speaker input the user left out is absent in
+    every pass, so both rules reduce to guidance over what was given.
     """
     passes = len(speaker_passes(ctx))
     eps = pick(call_nnet(ctx, **{k: torch.cat([v] * passes) for k, v in response.items()}, speaker=speaker))
@@ -263,34 +277,34 @@ def speaker_guided(ctx, response, pick, speaker):
     return cfg_two_scale(eps[:B], eps[B:2 * B], eps[2 * B:], ctx.scale_text, ctx.scale_face)
 
 
-def empath_rows(ctx, inputs) -> ConditionCache:
-    """The batched speaker cache of every empath step, built once per solver run."""
-    return speaker_rows([inputs[name] for name in speaker_passes(ctx)])
+def empath_speaker(ctx, mode, inputs) -> Tuple[ConditionCache, int]:
+    """The speaker cache of an empath step's rows and the number of samples B (its rows over the passes)."""
+    speaker = speaker_cache(ctx, mode, inputs)
+    return speaker, speaker.emotion_logits.shape[0] // len(speaker_passes(ctx))
 
 
-def emotion_of(inputs):
-    """The speaker's emotion distribution (B, classes), read off the cached speaker path."""
-    return inputs['speaker'].emotion_logits.float().softmax(-1)
+def emotion_of(speaker, B):
+    """The speaker's emotion distribution (B, classes), read off the first pass's rows (the whole speaker turn)."""
+    return speaker.emotion_logits[:B].float().softmax(-1)
 
 
 def mode_empath(ctx, inputs):
     """Speaker turn -> response face and utterance (jointly), plus the speaker's emotion."""
     shapes = image_shapes(ctx) + [ctx.text_shape]
-    speaker = empath_rows(ctx, inputs)
+    speaker, B = empath_speaker(ctx, 'empath', inputs)
 
     def eps(x, t):
         z, clip_img, text = split(x, shapes)
         response = dict(z=z, clip_img=clip_img, text=text, t_img=t, t_text=t)
         return speaker_guided(ctx, response, lambda o: combine(*o), speaker)
 
-    z, clip_img, text = run_solver(ctx, eps, shapes, inputs['speaker'].emotion_logits.shape[0])
-    return dict(z=z, clip_img=clip_img, text=text, emotion=emotion_of(inputs))
+    z, clip_img, text = run_solver(ctx, eps, shapes, B)
+    return dict(z=z, clip_img=clip_img, text=text, emotion=emotion_of(speaker, B))
 
 
 def mode_empath_t(ctx, inputs):
     """Speaker turn -> response utterance only (the response face is marginalised)."""
-    B, N = inputs['speaker'].emotion_logits.shape[0], ctx.N
-    speaker = empath_rows(ctx, inputs)
+    (speaker, B), N = empath_speaker(ctx, 'empath_t', inputs), ctx.N
 
     def eps(x, t):
         (text,) = split(x, [ctx.text_shape])
@@ -299,13 +313,12 @@ def mode_empath_t(ctx, inputs):
         return speaker_guided(ctx, response, lambda o: combine(o[2]), speaker)
 
     (text,) = run_solver(ctx, eps, [ctx.text_shape], B)
-    return dict(text=text, emotion=emotion_of(inputs))
+    return dict(text=text, emotion=emotion_of(speaker, B))
 
 
 def mode_empath_i(ctx, inputs):
     """Speaker turn -> response face only (the response utterance is marginalised)."""
-    B, N = inputs['speaker'].emotion_logits.shape[0], ctx.N
-    speaker = empath_rows(ctx, inputs)
+    (speaker, B), N = empath_speaker(ctx, 'empath_i', inputs), ctx.N
 
     def eps(x, t):
         z, clip_img = split(x, image_shapes(ctx))
@@ -313,7 +326,7 @@ def mode_empath_i(ctx, inputs):
         return speaker_guided(ctx, response, lambda o: combine(o[0], o[1]), speaker)
 
     z, clip_img = run_solver(ctx, eps, image_shapes(ctx), B)
-    return dict(z=z, clip_img=clip_img, emotion=emotion_of(inputs))
+    return dict(z=z, clip_img=clip_img, emotion=emotion_of(speaker, B))
 
 
 MODES: Dict[str, Callable] = {
@@ -325,8 +338,12 @@ MODES: Dict[str, Callable] = {
 MODE_INPUTS = {'t2i': ('prompt',), 'i2t': ('img',), 'joint': (), 'i': (), 't': (), 'i2t2i': ('img',),
                't2i2t': ('prompt',), 'empath': ('speaker',), 'empath_t': ('speaker',), 'empath_i': ('speaker',)}
 EMPATH_MODES = ('empath', 'empath_t', 'empath_i')
-# Guidance of the empath modes (config.sample.speaker_guidance) -> the speaker caches it needs besides 'speaker'.
+# Guidance of the empath modes (config.sample.speaker_guidance) -> the speaker branches it needs besides 'speaker'.
 SPEAKER_GUIDANCE = {'no_speaker': ('speaker_absent',), 'two_scale': ('speaker_absent', 'speaker_text')}
+# Speaker branch -> the parts of the given speaker turn its rows keep; the others are absent (noise at t = N).
+SPEAKER_BRANCHES = {'speaker': ('face', 'utterance'), 'speaker_text': ('utterance',), 'speaker_absent': ()}
+# Passes a guided step of each UniDiffuser mode batches: conditional and unconditional; joint's two marginals.
+UNIDIFFUSER_PASSES = {'t2i': 2, 'i2t': 2, 'joint': 3, 'i': 1, 't': 1, 'i2t2i': 2, 't2i2t': 2}
 
 
 def get_mode(name: str) -> Callable:

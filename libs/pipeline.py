@@ -191,31 +191,31 @@ def absent_speaker(ctx, B) -> dict:
                 text=ctx.randn(B, *ctx.text_shape), t_img=modes.full(ctx, B, N), t_text=modes.full(ctx, B, N))
 
 
-def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None, absent=None):
-    """Encoded speaker turn (batched, any part may be None) -> condition cache; absent = noise at t = N.
+def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None, mode='empath') -> dict:
+    """The speaker input of ``mode`` for B samples: one cache of every guidance row, from one ``encode_condition``.
 
-    ``absent`` (an ``absent_speaker``) supplies the noise of the missing parts; None draws a fresh one.
-    """
-    cond = dict(absent_speaker(ctx, B) if absent is None else absent)
-    if z is not None:
-        cond.update(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1), t_img=modes.full(ctx, B, 0))
-    if text is not None:
-        cond.update(text=text.expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
-    with torch.no_grad(), precision.autocast(ctx.device, ctx.autocast_dtype):
-        return comp.nnet.encode_condition(cond)
-
-
-def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None) -> dict:
-    """The speaker caches an empath mode reads: the given turn, no speaker, and (two_scale) its utterance alone.
-
-    One draw of the absent modalities' noise (from the context's generator, so a seed fixes it) stands for them in
-    every branch: a branch differs from another only by what the speaker gave (docs/sampling_internals.md).
+    The rows are the turns of ``modes.speaker_branches(ctx, mode)`` stacked branch by branch, B rows each: the given
+    face (z, clip_img) and/or utterance (text), its utterance alone, or nothing. Encoding them together means the
+    keys/values of a row exist once, in the cache the mode reads, and no per-branch cache is kept beside it. One draw
+    of the absent modalities' noise (from the context's generator, so a seed fixes it) stands for them in every
+    branch: a branch differs from another only by what the speaker gave (docs/sampling_internals.md).
     """
     absent = absent_speaker(ctx, B)
-    inputs = dict(speaker=speaker_condition(comp, ctx, B, z, clip_img, text, absent=absent))
-    for name in modes.SPEAKER_GUIDANCE[ctx.speaker_guidance]:
-        inputs[name] = speaker_condition(comp, ctx, B, text=text if name == 'speaker_text' else None, absent=absent)
-    return inputs
+    given = {}
+    if z is not None:
+        given['face'] = dict(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1),
+                             t_img=modes.full(ctx, B, 0))
+    if text is not None:
+        given['utterance'] = dict(text=text.expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
+    turns = []
+    for branch in modes.speaker_branches(ctx, mode):
+        turn = dict(absent)
+        for part in modes.SPEAKER_BRANCHES[branch]:
+            turn.update(given.get(part, {}))
+        turns.append(turn)
+    cond = {k: torch.cat([turn[k] for turn in turns]) for k in absent}
+    with torch.no_grad(), precision.autocast(ctx.device, ctx.autocast_dtype):
+        return dict(speaker=comp.nnet.encode_condition(cond))
 
 
 def encode_speaker(comp, ctx, B, image=None, prompt=None) -> dict:
@@ -295,7 +295,7 @@ def generate(comp: Components, ctx: modes.Context, mode: str, n_samples: int, pr
         inputs.update(encode_speaker(comp, ctx, n_samples, image, prompt))
     else:
         if conditional:  # a fine-tuned network without a speaker turn is a plain UniDiffuser
-            inputs['speaker'] = speaker_condition(comp, ctx, n_samples)
+            inputs.update(speaker_inputs(comp, ctx, n_samples, mode=mode))
         if prompt is not None:
             inputs['text'] = encode_prompts(comp, [prompt]).expand(n_samples, -1, -1)
         if image is not None:

@@ -434,9 +434,3 @@ def summarize_keys(keys: List[str]) -> str:
     rest = [k for k in keys if not k.endswith(GATE_KEY)]
     return ', '.join(rest + ([f'*{GATE_KEY} ({len(gates)} blocks)'] if gates else []))
 
-
-def cat_conditions(caches: List[ConditionCache]) -> ConditionCache:
-    """Concatenate speaker caches along the batch (e.g. conditional and unconditional guidance passes)."""
-    kv = [(torch.cat([c.kv[i][0] for c in caches]), torch.cat([c.kv[i][1] for c in caches]))
-          for i in range(len(caches[0].kv))]
-    return ConditionCache(kv, torch.cat([c.emotion_logits for c in caches]))

@@ -1,15 +1,18 @@
 """Defects of the full-size path (issue 21), each tested on tiny networks so that the test fails on the code before
 its fix; then one full-size empath solver step and one full-size training step on fake tensors (shapes only).
 """
+import gc
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from configs.avamerg_empath import get_config as empath_full_config
+from configs.common import tiny
 from configs.avamerg_tiny import get_config as tiny_train_config
-from libs import modes, pipeline, trainer, uvit
+from libs import modes, pipeline, trainer
 from libs.diffusion import NoiseScheduleVP, Schedule, dpm_solver_pp_fast, stable_diffusion_betas
 from libs.uvit import build_nnet
 
@@ -102,33 +105,105 @@ class CountingNet:
         return self.nnet(*args, cond_cache=cond_cache)
 
 
+def branch_turns(n, g):
+    """Speaker turns of the three guidance branches: the whole turn, its utterance alone, no speaker."""
+    return dict(speaker=speaker_turn(n, g), speaker_text=speaker_turn(n, g, 1000., 0.),
+                speaker_absent=speaker_turn(n, g, 1000., 1000.))
+
+
 @pytest.mark.parametrize('mode,rule', [('empath', 'no_speaker'), ('empath_i', 'two_scale'), ('t2i', 'no_speaker'),
                                        ('joint', 'no_speaker'), ('i2t2i', 'no_speaker')])
 @pytest.mark.parametrize('steps', [2, 5])
 @torch.no_grad()
-def test_guidance_rows_are_concatenated_once_per_solver_run(monkeypatch, mode, rule, steps):
+def test_every_step_reads_the_one_cache_of_the_guidance_rows(mode, rule, steps):
     nnet = tiny_empath().eval()
     g = torch.Generator().manual_seed(1)
-    inputs = dict(n=2, text=torch.randn(2, *TEXT, generator=g), z=torch.randn(2, *Z, generator=g),
-                  clip_img=torch.randn(2, 1, DC, generator=g),
-                  speaker=nnet.encode_condition(speaker_turn(2, g)),
-                  speaker_absent=nnet.encode_condition(speaker_turn(2, g, 1000., 1000.)),
-                  speaker_text=nnet.encode_condition(speaker_turn(2, g, 1000., 0.)))
-    calls = []
-
-    def counting(caches):
-        calls.append(len(caches))
-        return uvit.cat_conditions(caches)
-    monkeypatch.setattr(modes, 'cat_conditions', counting)
     net = CountingNet(nnet)
-    modes.get_mode(mode)(context(net, steps, speaker_guidance=rule), inputs)
-    runs = 2 if mode == 'i2t2i' else 1  # a composite mode runs two solvers
+    ctx = context(net, steps, speaker_guidance=rule)
+    turns = branch_turns(2, g)
+    branches = modes.speaker_branches(ctx, mode)
     rows = {'empath': 2, 'empath_i': 3, 't2i': 2, 'joint': 3, 'i2t2i': 2}[mode]
-    assert calls == [rows] * runs
+    assert len(branches) == rows
+    speaker = nnet.encode_condition({k: torch.cat([turns[b][k] for b in branches]) for k in turns['speaker']})
+    inputs = dict(n=2, text=torch.randn(2, *TEXT, generator=g), z=torch.randn(2, *Z, generator=g),
+                  clip_img=torch.randn(2, 1, DC, generator=g), speaker=speaker)
+    modes.get_mode(mode)(ctx, inputs)
+    runs = 2 if mode == 'i2t2i' else 1  # a composite mode runs two solvers, on the same rows
     assert len(net.caches) == runs * steps
-    per_run = [net.caches[i * steps:(i + 1) * steps] for i in range(runs)]
-    assert all(all(c is run[0] for c in run) for run in per_run)  # one batched cache reused by every step
-    assert all(run[0].kv[0][0].shape[0] == rows * 2 for run in per_run)
+    assert all(c is speaker for c in net.caches)  # no step, and no solver run, copies the cache
+    with pytest.raises(ValueError, match='the speaker cache has 5 rows'):  # a cache of other rows is refused
+        modes.get_mode(mode)(ctx, dict(inputs, speaker=nnet.encode_condition(speaker_turn(5, g))))
+
+
+def live_kv_bytes(shape):
+    """Bytes of the distinct storages behind every live tensor shaped like a speaker key or value (rows, *shape)."""
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) is torch.Tensor and obj.dim() == 4 and tuple(obj.shape[1:]) == shape:
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+class LiveKV:
+    """Wraps the U-ViT: at the solver's first forward, the bytes of speaker keys/values alive in the process, and
+    what one cache of the rows it receives takes."""
+
+    def __init__(self, nnet):
+        self.nnet, self.condition, self.seen = nnet, nnet.condition, None
+
+    def __call__(self, *args, cond_cache=None):
+        if self.seen is None:
+            k = cond_cache.kv[0][0]
+            per_row = len(cond_cache.kv) * 2 * k[0].numel() * k.element_size()
+            self.seen = live_kv_bytes(tuple(k.shape[1:])), per_row, k.shape[0]
+        return self.nnet(*args, cond_cache=cond_cache)
+
+
+@pytest.mark.parametrize('mode,rule', [('empath', 'two_scale'), ('empath_t', 'no_speaker'), ('joint', 'no_speaker'),
+                                       ('i2t2i', 'no_speaker')])
+@torch.no_grad()
+def test_the_speaker_keys_values_exist_once_while_the_solver_runs(mode, rule):
+    """The caller's pattern (eval, periodic samples, benchmark): encode the speaker inputs, run the mode on them.
+    While the solver runs, the live speaker K/V are one cache of every guidance row, nothing more."""
+    nnet = tiny_empath().eval()
+    g = torch.Generator().manual_seed(6)
+    face, utterance = dict(z=torch.randn(1, *Z, generator=g), clip_img=torch.randn(1, 1, DC, generator=g)), dict(
+        text=torch.randn(1, *TEXT, generator=g))
+    net = LiveKV(nnet)
+    ctx = context(net, 2, speaker_guidance=rule)
+    B = 3
+    if mode in modes.EMPATH_MODES:
+        inputs = pipeline.speaker_inputs(SimpleNamespace(nnet=nnet), ctx, B, **face, **utterance)
+    else:
+        inputs = dict(n=B, text=torch.randn(B, *TEXT, generator=g), z=face['z'].expand(B, -1, -1, -1),
+                      clip_img=face['clip_img'].expand(B, -1, -1),
+                      **pipeline.speaker_inputs(SimpleNamespace(nnet=nnet), ctx, B, mode=mode))
+    modes.get_mode(mode)(ctx, inputs)
+    live, per_row, rows = net.seen
+    assert live == rows * per_row, f'{live / per_row:g} rows of speaker keys/values alive for {rows} guidance rows'
+    assert rows == len(modes.speaker_branches(ctx, mode)) * B == {'empath': 9, 'empath_t': 6, 'joint': 9,
+                                                                  'i2t2i': 6}[mode]
+
+
+@pytest.fixture(scope='module')
+def components(tiny_models):
+    return pipeline.load_components(tiny(tiny_models, condition=True), torch.device('cpu'))
+
+
+@pytest.mark.parametrize('mode,rule', [('empath', 'two_scale'), ('t2i', 'no_speaker')])
+@torch.no_grad()
+def test_generate_holds_one_speaker_cache(components, mode, rule):
+    """Through libs.pipeline.generate (sample_multi.py, the app): the same, from a raw face and utterance."""
+    comp = components
+    comp.config.sample.speaker_guidance, comp.config.sample.sample_steps = rule, 2
+    ctx = pipeline.make_context(comp, torch.Generator().manual_seed(0))
+    net = LiveKV(comp.nnet)
+    ctx.nnet = net
+    image, prompt = Image.new('RGB', (40, 36), (200, 120, 90)), 'i lost my job today'
+    pipeline.generate(comp, ctx, mode, 2, prompt=prompt, image=image if mode == 'empath' else None)
+    live, per_row, rows = net.seen
+    assert live == rows * per_row, f'{live / per_row:g} rows of speaker keys/values alive for {rows} guidance rows'
+    assert rows == len(modes.speaker_branches(ctx, mode)) * 2 == {'empath': 6, 't2i': 4}[mode]
 
 
 def kv_storage_bytes(cache):
@@ -164,7 +239,7 @@ def test_compact_cache_gives_the_same_response():
 
 
 class RecordingEncoder:
-    """Stands in for the conditional U-ViT in libs.pipeline: records the speaker turns it encodes."""
+    """Stands in for the conditional U-ViT in libs.pipeline: records the speaker turns it encodes (one batch each)."""
     condition = True
 
     def __init__(self):
@@ -185,9 +260,15 @@ def test_every_branch_shares_one_draw_of_the_absent_noise(given, rule):
     utterance = dict(text=text) if given == 'utterance' else {}
     comp = SimpleNamespace(nnet=RecordingEncoder())
     ctx = context(None, 1, speaker_guidance=rule)
-    branches = pipeline.speaker_inputs(comp, ctx, 2, **face, **utterance)
-    assert len(comp.nnet.turns) == (3 if rule == 'two_scale' else 2)
+    speaker = pipeline.speaker_inputs(comp, ctx, 2, **face, **utterance)['speaker']
+    (rows,) = comp.nnet.turns  # every guidance branch encoded in one call
+    assert speaker is rows
+    names = modes.speaker_branches(ctx, 'empath')
+    assert names == (('speaker', 'speaker_text', 'speaker_absent') if rule == 'two_scale' else
+                     ('speaker', 'speaker_absent'))
+    branches = {name: {k: v[2 * i:2 * i + 2] for k, v in rows.items()} for i, name in enumerate(names)}
     absent = branches['speaker_absent']
+    assert bool((absent['t_img'] == ctx.N).all()) and bool((absent['t_text'] == ctx.N).all())
     for name, turn in branches.items():
         for key, t in (('img', 't_img'), ('clip_img', 't_img'), ('text', 't_text')):
             if bool((turn[t] == ctx.N).all()):
@@ -217,18 +298,18 @@ def test_full_size_empath_solver_step_with_two_guidance_rows_runs_on_fake_tensor
         turn = dict(img=torch.zeros(1, *z_shape), clip_img=torch.zeros(1, 1, full.clip_img_dim),
                     text=torch.zeros(1, *text_shape), t_img=torch.zeros(1), t_text=torch.zeros(1))
         absent = dict(turn, t_img=torch.full((1,), 1000.), t_text=torch.full((1,), 1000.))
-        inputs = dict(n=1, speaker=nnet.encode_condition(turn), speaker_absent=nnet.encode_condition(absent))
+        inputs = dict(n=1, speaker=nnet.encode_condition({k: torch.cat([turn[k], absent[k]]) for k in turn}))
         net = CountingNet(nnet)
         ctx = context(net, 1)
         ctx.z_shape, ctx.clip_img_dim, ctx.text_shape = z_shape, full.clip_img_dim, text_shape
         ctx.generator = None  # fake tensors draw no numbers
         out = modes.mode_empath(ctx, inputs)
-    assert len(net.caches) == 1 and net.caches[0].kv[0][0].shape[0] == 2  # one step, speaker + no-speaker rows
+    assert len(net.caches) == 1 and net.caches[0] is inputs['speaker']  # one step, speaker + no-speaker rows
     assert tuple(out['z'].shape) == (1, *z_shape) and tuple(out['text'].shape) == (1, *text_shape)
     assert tuple(out['emotion'].shape) == (1, full.nnet.num_emotions)
     patches = (full.nnet.img_size // full.nnet.patch_size) ** 2
     speaker_tokens = 2 + full.num_text_tokens + 1 + patches + 1  # timesteps, text, CLIP, patches, [EMO]
-    assert inputs['speaker'].kv[0][0].shape == (1, full.nnet.num_heads, speaker_tokens,
+    assert inputs['speaker'].kv[0][0].shape == (2, full.nnet.num_heads, speaker_tokens,
                                                 full.nnet.embed_dim // full.nnet.num_heads)
 
 
