@@ -1,6 +1,4 @@
 """Sampling modes on a tiny random U-ViT: every mode runs, guidance batching is exact, seeds reproduce."""
-import functools
-
 import pytest
 import torch
 
