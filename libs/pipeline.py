@@ -185,28 +185,38 @@ def encode_images(comp: Components, images: List[Image.Image], generator=None):
     return z, comp.clip_img.encode(crops).to(comp.device).float()
 
 
-def speaker_condition(comp, ctx, B, z=None, clip_img=None, text=None):
-    """Encoded speaker turn (batched, any part may be None) -> condition cache; absent = noise at t = N."""
+def absent_speaker(ctx, B) -> dict:
+    """A speaker turn with every modality absent: Gaussian noise at t = N, drawn from the context's generator."""
     N = ctx.N
-    cond = dict(img=ctx.randn(B, *ctx.z_shape), clip_img=ctx.randn(B, 1, ctx.clip_img_dim),
+    return dict(img=ctx.randn(B, *ctx.z_shape), clip_img=ctx.randn(B, 1, ctx.clip_img_dim),
                 text=ctx.randn(B, *ctx.text_shape), t_img=modes.full(ctx, B, N), t_text=modes.full(ctx, B, N))
-    if z is not None:
-        cond.update(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1), t_img=modes.full(ctx, B, 0))
-    if text is not None:
-        cond.update(text=text.expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
-    with torch.no_grad(), precision.autocast(ctx.device, ctx.autocast_dtype):
-        return comp.nnet.encode_condition(cond)
 
 
-def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None) -> dict:
-    """The speaker caches an empath mode reads: the given turn, no speaker, and (two_scale) its utterance alone.
+def speaker_inputs(comp, ctx, B, z=None, clip_img=None, text=None, mode='empath') -> dict:
+    """The speaker input of ``mode`` for B samples: one cache of every guidance row, from one ``encode_condition``.
 
-    Drawn in this order from the context's generator, so a seed fixes the absent modalities' noise too.
+    The rows are the turns of ``modes.speaker_branches(ctx, mode)`` stacked branch by branch, B rows each: the given
+    face (z, clip_img) and/or utterance (text), its utterance alone, or nothing. Encoding them together means the
+    keys/values of a row exist once, in the cache the mode reads, and no per-branch cache is kept beside it. One draw
+    of the absent modalities' noise (from the context's generator, so a seed fixes it) stands for them in every
+    branch: a branch differs from another only by what the speaker gave (docs/sampling_internals.md).
     """
-    inputs = dict(speaker=speaker_condition(comp, ctx, B, z, clip_img, text))
-    for name in modes.SPEAKER_GUIDANCE[ctx.speaker_guidance]:
-        inputs[name] = speaker_condition(comp, ctx, B, text=text if name == 'speaker_text' else None)
-    return inputs
+    absent = absent_speaker(ctx, B)
+    given = {}
+    if z is not None:
+        given['face'] = dict(img=z.expand(B, -1, -1, -1), clip_img=clip_img.expand(B, -1, -1),
+                             t_img=modes.full(ctx, B, 0))
+    if text is not None:
+        given['utterance'] = dict(text=text.expand(B, -1, -1), t_text=modes.full(ctx, B, 0))
+    turns = []
+    for branch in modes.speaker_branches(ctx, mode):
+        turn = dict(absent)
+        for part in modes.SPEAKER_BRANCHES[branch]:
+            turn.update(given.get(part, {}))
+        turns.append(turn)
+    cond = {k: torch.cat([turn[k] for turn in turns]) for k in absent}
+    with torch.no_grad(), precision.autocast(ctx.device, ctx.autocast_dtype):
+        return dict(speaker=comp.nnet.encode_condition(cond))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +312,7 @@ def mode_inputs(comp: Components, ctx: modes.Context, mode: str, B: int, z=None,
         return dict(n=B, **speaker_inputs(comp, ctx, B, z, clip_img, text))
     inputs = dict(n=B)
     if comp.nnet.condition:  # a fine-tuned network without a speaker turn is a plain UniDiffuser
-        inputs['speaker'] = speaker_condition(comp, ctx, B)
+        inputs.update(speaker_inputs(comp, ctx, B, mode=mode))
     if text is not None:
         inputs['text'] = text.expand(B, -1, -1)
     if z is not None:

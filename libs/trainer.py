@@ -115,15 +115,19 @@ def noise_prediction(nnet, schedule, x0, t_img, t_text, eps_img, eps_clip, eps_t
     return nnet(*noisy, t_img, t_text, data_type, **cond)
 
 
+IGNORE_LABEL = -1  # the feature caches' label of an unknown emotion; the emotion CE skips it
+
+
 def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config):
     """Per-pair losses (B,) of the training objective, and the emotion logits (None for an unconditional net).
 
     Conditional (EmpathDiffuser, docs/design.md §2): the speaker turn is clean (t = 0); its face (latent + CLIP embedding)
     and its text are replaced by Gaussian noise at t = N when dropped. The response face (latent and CLIP share
     t_img) and text (t_text) are noised independently. loss = diffusion loss + λ·CE(emotion); the CE of an
-    unlabelled pair counts as 0, so every pair weighs the same and the loss is a plain per-pair mean under any batch
-    split. Unconditional (UniDiffuser's joint objective, used to pre-train): the speaker's and the response's
-    (face, utterance) are two independent image-text samples; a pair's loss is the mean of their two losses.
+    unlabelled pair, or of a pair whose whole speaker was dropped (nothing to classify), counts as 0, so every pair
+    weighs the same and the loss is a plain per-pair mean under any batch split. Unconditional (UniDiffuser's joint
+    objective, used to pre-train): the speaker's and the response's (face, utterance) are two independent image-text
+    samples; a pair's loss is the mean of their two losses.
     """
     N, scale, weighting = schedule.N, config.autoencoder.scale_factor, config.train.loss_weighting
     z_speaker = sample_latent(batch['speaker_moments'], scale, rand['speaker_latent'])
@@ -152,7 +156,9 @@ def training_losses(nnet, batch: dict, rand: dict, encode_text, schedule, config
     draws = [rand[k] for k in RAND_KEYS]
     *eps, logits = noise_prediction(nnet, schedule, response, *draws, data_type, cond=cond)
     losses = modality_losses(eps, draws[2:], weighting)
-    losses['emotion'] = F.cross_entropy(logits.float(), batch['label'], ignore_index=-1, reduction='none')
+    # A pair whose whole speaker was dropped has nothing to classify: its label is ignored like an unknown one.
+    labels = torch.where(keep_img | keep_text, batch['label'], IGNORE_LABEL)
+    losses['emotion'] = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_LABEL, reduction='none')
     losses['loss'] = losses['loss'] + config.train.emotion_weight * losses['emotion']
     return losses, logits
 

@@ -283,17 +283,22 @@ class UViT(nn.Module):
         """Run the U-shaped stack; returns the final hidden states and, if ``keep_kv``, every block's own (k, v)."""
         skips, kvs = [], []
         n_in = len(self.in_blocks)
+        checkpointing = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        # A block's (k, v) are views of its fused qkv output. Where nothing else keeps that output (no autograd
+        # graph while sampling, or a checkpointed block) they would pin the queries too: keep K and V alone. Under
+        # a plain autograd graph the attention keeps the fused output for its backward, so a copy would only add.
+        compact = keep_kv and (checkpointing or not torch.is_grad_enabled())
         for i, (blk, takes_skip) in enumerate(self._blocks()):
             skip = skips.pop() if takes_skip else None
             cond_kv = None if cond_kvs is None else cond_kvs[i]
-            if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            if checkpointing:
                 x, kv = torch.utils.checkpoint.checkpoint(blk, x, skip, cond_kv, keep_kv, use_reentrant=False)
             else:
                 x, kv = blk(x, skip, cond_kv, keep_kv)
             if i < n_in:
                 skips.append(x)
             if keep_kv:
-                kvs.append(kv)
+                kvs.append(tuple(t.clone(memory_format=torch.contiguous_format) for t in kv) if compact else kv)
         return self.norm(x), kvs
 
     # -- public API ----------------------------------------------------------------------------------------------
@@ -429,9 +434,3 @@ def summarize_keys(keys: List[str]) -> str:
     rest = [k for k in keys if not k.endswith(GATE_KEY)]
     return ', '.join(rest + ([f'*{GATE_KEY} ({len(gates)} blocks)'] if gates else []))
 
-
-def cat_conditions(caches: List[ConditionCache]) -> ConditionCache:
-    """Concatenate speaker caches along the batch (e.g. conditional and unconditional guidance passes)."""
-    kv = [(torch.cat([c.kv[i][0] for c in caches]), torch.cat([c.kv[i][1] for c in caches]))
-          for i in range(len(caches[0].kv))]
-    return ConditionCache(kv, torch.cat([c.emotion_logits for c in caches]))

@@ -173,9 +173,8 @@ def run_mode(comp, ctx, mode, inputs):
     B = inputs['n']
     inputs = dict(inputs)
     if mode in modes.EMPATH_MODES:
-        inputs['speaker'] = pipeline.speaker_condition(comp, ctx, B, inputs['z'][:1], inputs['clip_img'][:1],
-                                                       inputs['text'][:1])
-        inputs['speaker_absent'] = pipeline.speaker_condition(comp, ctx, B)
+        inputs.update(pipeline.speaker_inputs(comp, ctx, B, inputs['z'][:1], inputs['clip_img'][:1],
+                                              inputs['text'][:1], mode=mode))
     return modes.get_mode(mode)(ctx, inputs)
 
 

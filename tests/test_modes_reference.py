@@ -25,7 +25,7 @@ import torch
 
 from libs import modes, pipeline
 from libs.diffusion import NoiseScheduleVP, dpm_solver_pp_fast, stable_diffusion_betas
-from libs.uvit import ConditionCache, build_nnet, cat_conditions
+from libs.uvit import ConditionCache, build_nnet
 
 TINY = dict(img_size=4, in_chans=4, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, qkv_bias=False,
             mlp_time_embed=False, text_dim=6, num_text_tokens=5, clip_img_dim=8)
@@ -88,9 +88,14 @@ def speaker_dicts(given):
                 speaker_text=turn(False, has_utterance))
 
 
-def cached(nnet, dicts):
-    """The mode inputs libs.modes takes: each speaker turn encoded once into its key/value cache."""
-    return {k: nnet.encode_condition(v) for k, v in dicts.items()}
+def stacked(turns, branches):
+    """The speaker turns of the given branches, stacked branch by branch into one batch."""
+    return {k: torch.cat([turns[b][k] for b in branches]) for k in turns[branches[0]]}
+
+
+def cached(nnet, turns, ctx, mode='empath'):
+    """The mode inputs libs.modes takes: the turns of a step's rows (``speaker_branches``) encoded in one cache."""
+    return dict(speaker=nnet.encode_condition(stacked(turns, modes.speaker_branches(ctx, mode))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,12 +274,12 @@ UNIDIFFUSER_MODES = [m for m in modes.MODES if m not in modes.EMPATH_MODES]
 @pytest.mark.parametrize('name', NETS)
 @torch.no_grad()
 def test_unidiffuser_mode_matches_sequential_reference(mode, name):
-    inputs = dict(user_inputs(), n=B)
+    inputs, ctx = dict(user_inputs(), n=B), context(name)
     speaker = None
     if name == 'uvit_empath':  # a fine-tuned network without a speaker turn: the speaker is absent in every pass
         speaker = speaker_dicts('none')['speaker']
-        inputs['speaker'] = tiny_nnet(name).encode_condition(speaker)
-    got = modes.get_mode(mode)(context(name), inputs)
+        inputs.update(cached(tiny_nnet(name), dict(speaker=speaker), ctx, mode))
+    got = modes.get_mode(mode)(ctx, inputs)
     assert_same(got, run_reference(Reference(name, speaker=speaker), mode, inputs))
 
 
@@ -283,12 +288,12 @@ def test_unidiffuser_mode_matches_sequential_reference(mode, name):
 @torch.no_grad()
 def test_t2i_empty_token_guidance_matches_reference(mode, name):
     empty = torch.randn(1, *TEXT, generator=torch.Generator().manual_seed(13))
-    inputs = dict(user_inputs(), n=B)
+    inputs, ctx = dict(user_inputs(), n=B), context(name, t2i_cfg_mode='empty_token', empty_text=empty)
     speaker = None
     if name == 'uvit_empath':
         speaker = speaker_dicts('none')['speaker']
-        inputs['speaker'] = tiny_nnet(name).encode_condition(speaker)
-    got = modes.get_mode(mode)(context(name, t2i_cfg_mode='empty_token', empty_text=empty), inputs)
+        inputs.update(cached(tiny_nnet(name), dict(speaker=speaker), ctx, mode))
+    got = modes.get_mode(mode)(ctx, inputs)
     want = run_reference(Reference(name, t2i_cfg_mode='empty_token', empty_text=empty, speaker=speaker), mode, inputs)
     assert_same(got, want)
 
@@ -311,9 +316,10 @@ def test_unguided_modes_match_reference(mode):
 @torch.no_grad()
 def test_empath_mode_matches_sequential_uncached_reference(mode, given, rule):
     nnet, turns = tiny_nnet('uvit_empath'), speaker_dicts(given)
-    inputs = cached(nnet, {k: v for k, v in turns.items() if k == 'speaker' or k in modes.SPEAKER_GUIDANCE[rule]})
     scales = dict(speaker_guidance=rule, scale_text=2., scale_face=5.)  # unequal: two_scale is not no_speaker
-    got = modes.get_mode(mode)(context('uvit_empath', **scales), inputs)
+    ctx = context('uvit_empath', **scales)
+    inputs = cached(nnet, turns, ctx, mode)
+    got = modes.get_mode(mode)(ctx, inputs)
     assert_same(got, run_reference(Reference('uvit_empath', **scales), mode, inputs, turns))
 
 
@@ -322,7 +328,8 @@ def test_empath_mode_matches_sequential_uncached_reference(mode, given, rule):
 def test_unguided_empath_matches_reference(rule):
     nnet, turns = tiny_nnet('uvit_empath'), speaker_dicts('face+utterance')
     scales = dict(scale=0., speaker_guidance=rule, scale_text=0., scale_face=0.)
-    got = modes.mode_empath(context('uvit_empath', **scales), cached(nnet, turns))
+    ctx = context('uvit_empath', **scales)
+    got = modes.mode_empath(ctx, cached(nnet, turns, ctx))
     assert_same(got, Reference('uvit_empath', **scales).empath(turns))
 
 
@@ -331,11 +338,11 @@ def test_speaker_guidance_rules_differ():
     """The empath comparisons above are not vacuous: the speaker, and the guidance rule, change the samples."""
     nnet = tiny_nnet('uvit_empath')
     scales = dict(scale_text=2., scale_face=5.)
-    full = modes.mode_empath(context('uvit_empath', speaker_guidance='two_scale', **scales),
-                             cached(nnet, speaker_dicts('face+utterance')))
+    two, one = context('uvit_empath', speaker_guidance='two_scale', **scales), context('uvit_empath', **scales)
+    full = modes.mode_empath(two, cached(nnet, speaker_dicts('face+utterance'), two))
     text_only = modes.mode_empath(context('uvit_empath', speaker_guidance='two_scale', **scales),
-                                  cached(nnet, speaker_dicts('utterance')))
-    no_speaker = modes.mode_empath(context('uvit_empath', **scales), cached(nnet, speaker_dicts('face+utterance')))
+                                  cached(nnet, speaker_dicts('utterance'), two))
+    no_speaker = modes.mode_empath(one, cached(nnet, speaker_dicts('face+utterance'), one))
     for k in ('z', 'clip_img', 'text'):
         assert (full[k] - text_only[k]).abs().max() > 1e-2 and (full[k] - no_speaker[k]).abs().max() > 1e-2
 
@@ -345,29 +352,25 @@ def test_speaker_guidance_rules_differ():
 # ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def test_cat_conditions_is_the_cache_of_the_concatenated_turns():
+def test_one_cache_of_stacked_turns_is_the_per_turn_caches_stacked():
+    """The guidance rows' cache, encoded in one call, is each turn's own cache row for row (float rounding apart)."""
     nnet = tiny_nnet('uvit_empath')
     parts = [speaker_dicts('face')['speaker'], speaker_dicts('utterance')['speaker_text'],
              {k: v[:1] for k, v in speaker_dicts('face+utterance')['speaker'].items()}]
-    caches = [nnet.encode_condition(p) for p in parts]
-    both = cat_conditions(caches)
-    assert isinstance(both, ConditionCache) and len(both.kv) == len(caches[0].kv) == TINY['depth'] + 1
-    for i, (k, v) in enumerate(both.kv):
-        assert torch.equal(k, torch.cat([c.kv[i][0] for c in caches]))
-        assert torch.equal(v, torch.cat([c.kv[i][1] for c in caches]))
-    assert torch.equal(both.emotion_logits, torch.cat([c.emotion_logits for c in caches]))
     whole = nnet.encode_condition({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-    for (k, v), (k2, v2) in zip(both.kv, whole.kv):
-        torch.testing.assert_close(k, k2, **TOL)
-        torch.testing.assert_close(v, v2, **TOL)
-    torch.testing.assert_close(both.emotion_logits, whole.emotion_logits, **TOL)
-    # The response forward with the concatenated cache is the per-turn forwards, stacked.
+    caches = [nnet.encode_condition(p) for p in parts]
+    assert isinstance(whole, ConditionCache) and len(whole.kv) == len(caches[0].kv) == TINY['depth'] + 1
+    for i, (k, v) in enumerate(whole.kv):
+        torch.testing.assert_close(k, torch.cat([c.kv[i][0] for c in caches]), **TOL)
+        torch.testing.assert_close(v, torch.cat([c.kv[i][1] for c in caches]), **TOL)
+    torch.testing.assert_close(whole.emotion_logits, torch.cat([c.emotion_logits for c in caches]), **TOL)
+    # The response forward with the stacked cache is the per-turn forwards, stacked.
     g = torch.Generator().manual_seed(5)
     n = 5
     x = dict(img=torch.randn(n, *Z, generator=g), clip_img=torch.randn(n, 1, DC, generator=g),
              text=torch.randn(n, *TEXT, generator=g), t_img=torch.tensor([3., 500., 999., 0., 1000.]),
              t_text=torch.tensor([1000., 0., 17.5, 250., 4.]), data_type=torch.ones(n, dtype=torch.long))
-    batched = nnet(**x, cond_cache=both)
+    batched = nnet(**x, cond_cache=whole)
     rows = [slice(0, 2), slice(2, 4), slice(4, 5)]
     singles = [nnet(**{k: v[r] for k, v in x.items()}, cond=p) for r, p in zip(rows, parts)]
     for j in range(4):
@@ -389,9 +392,9 @@ def components(tiny_models):
 
 def pipeline_reference_turns(comp, seed, given, rule, image, prompt):
     """The speaker turns generate() must build, drawn in this order from a generator seeded like the context's:
-    the VAE posterior noise of the speaker face (if given), then for each turn (speaker, speaker_absent, then
-    speaker_text for two_scale) the noise of its latent, CLIP embedding and text, each (B, ...), whether or not
-    the turn then replaces it with the given (clean, t = 0) input."""
+    the VAE posterior noise of the speaker face (if given), then once the noise of the latent, CLIP embedding and
+    text, each (B, ...), that every turn (speaker, speaker_absent, speaker_text for two_scale) shares where its
+    input is absent (a given input replaces it, clean at t = 0)."""
     config, g = comp.config, torch.Generator().manual_seed(seed)
     n = 3
     face = utterance = None
@@ -401,12 +404,11 @@ def pipeline_reference_turns(comp, seed, given, rule, image, prompt):
     if 'utterance' in given:
         utterance = pipeline.encode_prompts(comp, [prompt]).repeat(n, 1, 1)
     T, Dt = config.num_text_tokens, config.text_dim
+    noise = dict(img=torch.randn(n, *config.z_shape, generator=g),
+                 clip_img=torch.randn(n, 1, config.clip_img_dim, generator=g), text=torch.randn(n, T, Dt, generator=g))
 
     def turn(with_face, with_utterance):
-        out = dict(img=torch.randn(n, *config.z_shape, generator=g),
-                   clip_img=torch.randn(n, 1, config.clip_img_dim, generator=g),
-                   text=torch.randn(n, T, Dt, generator=g), t_img=torch.full((n,), 1000.),
-                   t_text=torch.full((n,), 1000.))
+        out = dict(noise, t_img=torch.full((n,), 1000.), t_text=torch.full((n,), 1000.))
         if with_face:
             out.update(face, t_img=torch.zeros(n))
         if with_utterance:
@@ -439,10 +441,9 @@ def test_generate_builds_the_reference_speaker_inputs(components, monkeypatch, g
     assert len(result['texts']) == 3 and len(result['emotions']) == 3
 
     turns = pipeline_reference_turns(comp, 21, given, rule, image, prompt)
-    assert set(seen) == {'n', *turns}
-    for name, turn in turns.items():
-        want = comp.nnet.encode_condition(turn)
-        torch.testing.assert_close(seen[name].emotion_logits, want.emotion_logits, **TOL)
-        for (k, v), (k2, v2) in zip(seen[name].kv, want.kv):
-            torch.testing.assert_close(k, k2, **TOL, msg=lambda m: f'{name}: {m}')
-            torch.testing.assert_close(v, v2, **TOL, msg=lambda m: f'{name}: {m}')
+    assert set(seen) == {'n', 'speaker'}  # one cache of every guidance row, no per-branch cache beside it
+    want = comp.nnet.encode_condition(stacked(turns, modes.speaker_passes(ctx)))
+    torch.testing.assert_close(seen['speaker'].emotion_logits, want.emotion_logits, **TOL)
+    for (k, v), (k2, v2) in zip(seen['speaker'].kv, want.kv):
+        torch.testing.assert_close(k, k2, **TOL)
+        torch.testing.assert_close(v, v2, **TOL)

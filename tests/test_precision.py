@@ -115,8 +115,7 @@ def sample_with(comp, mode, name, seed=0):
     g = torch.Generator().manual_seed(5)
     z, clip_img = torch.randn(1, *ctx.z_shape, generator=g), torch.randn(1, 1, ctx.clip_img_dim, generator=g)
     text = torch.randn(1, *ctx.text_shape, generator=g)
-    inputs = dict(n=2, text=text.expand(2, -1, -1), speaker=pipeline.speaker_condition(comp, ctx, 2, z, clip_img, text),
-                  speaker_absent=pipeline.speaker_condition(comp, ctx, 2))
+    inputs = dict(n=2, text=text.expand(2, -1, -1), **pipeline.speaker_inputs(comp, ctx, 2, z, clip_img, text, mode))
     return ctx, modes.get_mode(mode)(ctx, inputs)
 
 

@@ -240,9 +240,9 @@ def unidiffuser_modes(config, nnet_path: str, pairs: Sequence[dict], net, classe
     ctx = pipeline.make_context(comp, torch.Generator().manual_seed(config.seed))
     B = len(pairs)
     speaker = {}
-    if comp.nnet.condition:
+    if comp.nnet.condition:  # t2i and i2t batch the same guidance rows, so they share one cache
         aside = pipeline.make_context(comp, torch.Generator().manual_seed(config.seed + 1))
-        speaker['speaker'] = pipeline.speaker_condition(comp, aside, B)
+        speaker = pipeline.speaker_inputs(comp, aside, B, mode='t2i')
     wanted = [prescribed(p['emotion']) for p in pairs]
     prompts = [p['response_text_raw'] for p in pairs]
     t2i = modes.get_mode('t2i')(ctx, dict(text=pipeline.encode_prompts(comp, prompts), **speaker))
