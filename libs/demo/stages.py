@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -22,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from libs.evaluation.baselines import derangement  # the evaluation's shuffled-speaker control uses the same draw
 from libs.io import atomic_write_bytes, atomic_write_json, read_rgb
 
 logger = logging.getLogger(__name__)
@@ -271,21 +271,6 @@ def export_initial_nnet(config, path: str) -> None:
 
 SPEAKER_TENSORS = ('speaker_moments', 'speaker_clip_img', 'speaker_text')
 SPEAKER_META = ('speaker_stem', 'speaker_text_raw')
-
-
-def derangement(conversations: Sequence[str], seed: int, tries: int = 10000) -> List[int]:
-    """A permutation p with conversations[p[i]] != conversations[i] for every i (seeded, deterministic)."""
-    rng, n = random.Random(f'{seed}/shuffled-speakers'), len(conversations)
-    order = list(range(n))
-    for _ in range(tries):
-        rng.shuffle(order)
-        # Each pair takes the speaker of the next pair in a random cycle: a single cycle, so no pair keeps its own.
-        p = [0] * n
-        for a, b in zip(order, order[1:] + order[:1]):
-            p[a] = b
-        if all(conversations[p[i]] != conversations[i] for i in range(n)):
-            return p
-    raise RuntimeError(f'no speaker shuffle across conversations found in {tries} tries ({n} pairs)')
 
 
 def shuffle_speakers(source: str, target: str, seed: int) -> dict:
