@@ -68,15 +68,6 @@ def empath(config, features='features/avamerg_512'):
         # checkpoints on val; only evaluation reads test.
         train=f'{features}/train', val=f'{features}/val', test=f'{features}/test',
         shuffle_window=8, max_open_shards=8, num_workers=4)
-    # eval_avamerg.py (docs/evaluation.md).
-    config.eval = d(
-        inception_path='',                    # FID's Inception-v3: a local TorchScript file, else the torch hub cache
-        expression_classifier='default',      # libs/face_expression.py's classifier, a path to another, or 'none'
-        baselines=(),                         # copy_speaker, retrieval, shuffled_speaker, no_guidance (--baselines)
-        bootstrap_resamples=1000,             # resamples of the pairs behind every interval and --compare
-        fid_bootstrap_resamples=200,          # of those, how many also get an FID (a feature-space SVD each)
-        bootstrap_seed=0,                     # the resamples' seed: the same pairs are drawn for every run
-        confidence=0.95)                      # the intervals' level
     # train_caption_decoder.py: fine-tunes config.caption_decoder on the cache's utterances (ClipCap's AdamW and
     # linear warm-up/decay) and writes <workdir>/<name>/<output>, to be used as caption_decoder.pretrained_path.
     config.caption_decoder_train = d(

@@ -83,6 +83,15 @@ def unidiffuser(version='v1'):
                       precision='auto',
                       # samples per U-ViT batch: n samples run in chunks of this many (x the guidance branches)
                       batch_samples=8)
+    # eval_avamerg.py (docs/evaluation.md); every config has it, so any config's network can be refused by name.
+    config.eval = d(
+        inception_path='',                    # FID's Inception-v3: a local TorchScript file, else the torch hub cache
+        expression_classifier='default',      # libs/face_expression.py's classifier, a path to another, or 'none'
+        baselines=(),                         # copy_speaker, retrieval, shuffled_speaker, no_guidance (--baselines)
+        bootstrap_resamples=1000,             # resamples of the pairs behind every interval and --compare
+        fid_bootstrap_resamples=200,          # of those, how many also get an FID (a feature-space SVD each)
+        bootstrap_seed=0,                     # the resamples' seed: the same pairs are drawn for every run
+        confidence=0.95)                      # the intervals' level
     return config
 
 

@@ -27,7 +27,7 @@ import sample_multi
 import train_empath
 from common import tiny
 from configs.extract_tiny import get_config as extraction_config
-from libs import cli, config_check, io, runlock, trainer, training_loop
+from libs import cli, config_check, evaluation, io, runlock, trainer, training_loop
 from libs.errors import UserError
 from libs.features import finished_shards
 from libs.synthetic import make_dataset
@@ -348,7 +348,7 @@ def test_busy_evaluation_and_feature_folders_are_refused(tiny_models, data, tmp_
     config = extraction_config(tiny_models)
     config.data.update(root=data, train=str(tmp_path / 'features'))
     out = tmp_path / 'eval'
-    for folder, job in ((out, lambda: eval_avamerg.evaluate(config, skip_fid=True, output_path=str(out))),
+    for folder, job in ((out, lambda: evaluation.evaluate(config, skip_fid=True, output_path=str(out))),
                         (tmp_path / 'features', lambda: extract_features.extract(config))):
         with runlock.hold(str(folder), 'job'):
             code, err = run_call(job, capsys)
@@ -544,7 +544,7 @@ def test_untrained_condition_is_refused_unless_allowed(tiny_models, tmp_path, ca
                                  allow_untrained_condition=True)
     assert record['outputs']['emotions']
     eval_config = extraction_config(tiny_models)
-    code, err = run_call(eval_avamerg.evaluate, capsys, eval_config, official, skip_fid=True,
+    code, err = run_call(evaluation.evaluate, capsys, eval_config, official, skip_fid=True,
                          output_path=str(tmp_path / 'eval'))
     assert_user_error(code, err, f'evaluating {official}', 'untrained', '--allow_untrained_condition')
     assert os.listdir(tmp_path / 'eval') == [runlock.LOCK]

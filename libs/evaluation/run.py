@@ -69,7 +69,11 @@ def prepare(config, output_path, nnet_path=None, split='test', features=None, li
     from accelerate import Accelerator
 
     from libs import hub, pipeline
-    config_check.check(config, 'model', 'sample', 'eval')
+    config_check.check(config, 'model', 'sample')
+    # A UniDiffuser network is refused first: the config of one need not have an eval section.
+    what = f'evaluating {hub.nnet_ref(config, nnet_path)}'
+    pipeline.check_speaker_network(what, config, nnet_path, fetched=False)  # before anything is fetched
+    config_check.check(config, 'eval')
     if batch_size < 1 or (limit is not None and limit < 1):
         raise UserError(f'--batch_size={batch_size} and --limit={limit} must be at least 1')
     chosen = baseline_registry.get(list(baselines))
@@ -77,8 +81,6 @@ def prepare(config, output_path, nnet_path=None, split='test', features=None, li
         generate.check_feature_split(features, split)
     if any(b.name == 'retrieval' for b in chosen):
         baseline_registry.train_cache(config)
-    what = f'evaluating {hub.nnet_ref(config, nnet_path)}'
-    pipeline.check_speaker_network(what, config, nnet_path, fetched=False)  # before anything is fetched
     hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
     acc = Accelerator()
     memory.check_evaluation(config, acc.device, batch_size, raw=features is None)  # CUDA: refuse what would not fit
