@@ -19,17 +19,17 @@ DEMO_TIMEOUT_S = 1800  # the quick schedule takes about 6 minutes on two idle co
 
 # How far the fine-tuned network must beat the same network answering shuffled speaker turns. A network that ignores
 # the speaker gives the same responses to both (the per-pair noise is the same), so its margin is 0 up to the
-# instruments' noise. Measured on the quick schedule, seeds 0-2 (2026-12-01, README): margins (mean +- sd) 0.87 +- 0.01
-# (7-way emotion), 0.37 +- 0.06 (32-way), 0.18 +- 0.05 (utterance follows the reaction; lowest 0.13), and the
-# pre-trained network, which ignores the speaker, came within 0.04 of the shuffled control on the utterance. BLEU-4
-# (3.7 +- 1.4, where the speaker-blind network moved by up to 2.7) and the face (0.13 +- 0.15) are within the noise on
-# this schedule: the report shows them, the full schedule separates them (README), the test does not assert them.
-MARGINS = dict(emotion_coarse_acc=0.5, emotion_fine_acc=0.2, text_agreement=0.08)
+# instruments' noise. Measured on the quick schedule, seeds 0-2 (2026-12-01): margins (mean +- sd) 0.87 +- 0.01
+# (7-way emotion) and 0.37 +- 0.06 (32-way). The response is not asserted: beating the shuffled control alone is not
+# learning (see below), and on 2026-12-07 a quick run's utterance stood at 0.33 against a majority class of 0.37
+# (shuffled 0.25) and its face at 0.32 against 0.37. BLEU-4 and the face are within the noise on this schedule too.
+# The report shows all of them; the full schedule's report (assets/demo/metrics.json, README) separates them.
+MARGINS = dict(emotion_coarse_acc=0.5, emotion_fine_acc=0.2)
 # How far the fine-tuned network must beat always answering the majority class. The shuffled control sits below
 # chance (a network answering the wrong speaker picks the wrong reaction), so beating it alone is not learning.
-# The quick schedule learns the speaker's emotion well above chance; its response utterance and face are near the
-# majority class (issue 22: utterance 0.380 vs 0.367, face 0.253 vs 0.369), so the test does not claim them: the
-# full schedule's report (assets/demo/) shows them.
+# The quick schedule learns the speaker's emotion well above chance; its response utterance and face stay near or
+# below the majority class (issue 22: utterance 0.380 vs 0.367, face 0.253 vs 0.369; 2026-12-07: 0.33 and 0.32 vs
+# 0.37), so the test does not claim them.
 ABOVE_MAJORITY = dict(emotion_coarse_acc=0.3, emotion_fine_acc=0.1)
 
 
