@@ -5,13 +5,12 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from libs import evaluation
+from libs import evaluation, face_expression
 from libs.autoencoder import center_crop_resize
 from libs.avamerg import AvaMERG
 from libs.errors import UserError
@@ -50,9 +49,8 @@ def expression_run(tiny_models, data, features, tmp_path_factory):
                                  for p in reader.pairs]))
     with pytest.MonkeyPatch.context() as mp:
         calls = []
-        module = types.ModuleType('libs.face_expression')
-        module.load_expression_classifier = lambda path=None, device='cpu': calls.append(path) or Brightness(threshold)
-        mp.setitem(sys.modules, 'libs.face_expression', module)
+        mp.setattr(face_expression, 'load_expression_classifier',
+                   lambda path=None, device='cpu': calls.append(path) or Brightness(threshold))
         config.eval.expression_classifier = 'default'
         out = tmp_path_factory.mktemp('eval') / 'expression'
         summary = evaluation.evaluate(config, features=features, skip_fid=True, batch_size=BATCH,
