@@ -108,7 +108,10 @@ def extraction(r, s: Settings, cuda: bool) -> List[Row]:
                                f'--limit={s.eval_pairs}'], r.path('logs', f'extract_{split}.log'))
     with open(log, encoding='utf-8') as f:  # extract_features.py's own count and time (encoding only, no loading)
         encoded = re.findall(r'encoded (\d+) pairs in ([\d.]+) s', f.read())
-    rate = f'{int(encoded[-1][0]) / float(encoded[-1][1]):.3g} pairs/s' if encoded else 'no rate logged'
+    count, seconds = (int(encoded[-1][0]), float(encoded[-1][1])) if encoded else (0, 0.)
+    # The log rounds to 0.1 s: a few tiny pairs can take less, and then there is no rate to state.
+    rate = (f'{count / seconds:.3g} pairs/s' if seconds > 0 else f'{count} pairs in under 0.1 s') if encoded \
+        else 'no rate logged'
     return [Row(f'feature extraction, {s.extract_pairs} pairs, encoder batch {s.extract_batch}', rate,
                 peak if cuda else usage.peak_rss_gb,
                 f'{usage.wall_s:.0f} s with loading')]
