@@ -16,7 +16,7 @@ from libs.avamerg import AvaMERG, label_index
 from libs.errors import UserError
 from libs.evaluation import baselines, generate, score
 from libs.synthetic import make_dataset
-from test_eval import BATCH, read_jsonl, results, tiny_config
+from test_eval import BATCH, features, read_jsonl, results, tiny_config  # noqa: F401 (features: over this data)
 
 pytestmark = pytest.mark.slow  # each module evaluates a tiny network several times
 NAMES = ('copy_speaker', 'retrieval', 'shuffled_speaker', 'no_guidance')
@@ -29,16 +29,6 @@ def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('avamerg'))
     make_dataset(root, seed=12, dialogues=1, test_dialogues=3, size=64)
     return root
-
-
-@pytest.fixture(scope='module')
-def features(tiny_models, data, tmp_path_factory):
-    """The test split's feature cache."""
-    from extract_features import extract
-    config = tiny_config(tiny_models, data)
-    config.data.update(test=str(tmp_path_factory.mktemp('features') / 'test'), num_workers=0)
-    extract(config, 'test')
-    return config.data.test
 
 
 @pytest.fixture(scope='module')
