@@ -109,7 +109,7 @@ def sentence_bleu_n(hypotheses, references, max_n=4):
     return {f'bleu{n}': 100.0 * float(total[n - 1]) / len(hypotheses) for n in range(1, max_n + 1)}
 
 
-def _ngrams(tokens, n):
+def ngrams(tokens, n):
     """Counter of the n-grams (tuples) of one token list."""
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
@@ -122,7 +122,7 @@ def distinct_n(texts, n):
     """
     grams = Counter()
     for text in texts:
-        grams.update(_ngrams(tokenize(text), n))
+        grams.update(ngrams(tokenize(text), n))
     total = sum(grams.values())
     return 100.0 * len(grams) / total if total else 0.0
 
@@ -135,7 +135,7 @@ def distinct_n_per_response(texts, n):
     """
     scores = []
     for text in texts:
-        grams = _ngrams(tokenize(text), n)
+        grams = ngrams(tokenize(text), n)
         total = sum(grams.values())
         scores.append(100.0 * len(grams) / total if total else 0.0)
     return float(np.mean(scores)) if scores else 0.0

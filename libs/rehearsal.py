@@ -7,14 +7,17 @@ counts, batch sizes), on a few synthetic AvaMERG pairs at 512². Random weights 
 the scripts work at full size; they show nothing about quality.
 
 Each stage writes ``<out>/stages/<name>.json`` with its wall time, CPU time and peak RSS (of the processes it ran,
-read from ``os.wait4``); a rerun skips finished stages. ``size='tiny'`` runs the same stages with tiny components
-(``configs/avamerg_tiny.py``), which is how the test suite covers this module.
+read from ``os.wait4``); a rerun skips finished stages. A stage that runs (the first time, again after a failure, or
+with ``rerun``) first clears what it writes, so it never resumes or mixes with an earlier run's outputs.
+``size='tiny'`` runs the same stages with tiny components (``configs/avamerg_tiny.py``), which is how the test suite
+covers this module.
 """
 import dataclasses
 import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -525,6 +528,22 @@ def stage_app(r: Rehearsal):
     return [(f'app.py on the {r.network} export: start, serve the page on 127.0.0.1, stop', usage)], dict(url=url)
 
 
+def stage_outputs(r: Rehearsal, name: str) -> List[str]:
+    """What a stage writes (besides its log), cleared before it runs: a rerun starts from nothing, never from a
+    previous run's checkpoints, features or evaluation folder (which the scripts would resume or refuse to mix)."""
+    from libs.modes import MODE_INPUTS
+    return {
+        'components': [r.components],
+        'data': [r.path('data')],
+        'extract': [r.path('features')],
+        'lora': [r.path('workdir', 'lora')],
+        'full': [r.path('workdir', 'full')],
+        'eval': [r.path('eval')],
+        'app': [],
+        'sample': [r.path('samples', mode) for mode in r.modes or MODE_INPUTS],
+    }[name]
+
+
 STAGES = {
     'components': stage_components,
     'data': stage_data,
@@ -560,6 +579,12 @@ def run(r: Rehearsal, stages=tuple(STAGES), rerun: bool = False) -> str:
         if name not in stages or (os.path.isfile(marker(r, name)) and not rerun):
             continue
         logger.info('stage %s', name)
+        # The marker goes first: a stage that fails after its outputs were cleared is not reported as finished.
+        for path in [marker(r, name), *stage_outputs(r, name)]:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         rows, info = STAGES[name](r)
         atomic_write_json(marker(r, name), dict(stage=name, size=r.size, info=info, finished=time.strftime(
             '%Y-%m-%d %H:%M:%S UTC', time.gmtime()), rows=[dict(what=w, **dataclasses.asdict(u)) for w, u in rows]))

@@ -696,7 +696,10 @@ def load_sampling(config, caption_decoder, device):
         logger.info('periodic samples skipped: libs.pipeline is not importable (%s)', err)
         return None
     from libs.autoencoder import load_autoencoder
-    autoencoder = load_autoencoder(config.autoencoder.pretrained_path, config.autoencoder, device)
+    # Decoded in the configured chunks, as sampling does: a full-size batch of samples decoded at once needs
+    # 0.75 GiB per 512² face on top of training's memory.
+    autoencoder = load_autoencoder(config.autoencoder.pretrained_path, config.autoencoder, device,
+                                   decode_chunk=config.encoders.vae_decode_chunk)
     return pipeline.Components(config, device, nnet=None, autoencoder=autoencoder, caption_decoder=caption_decoder)
 
 

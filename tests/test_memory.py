@@ -41,6 +41,15 @@ def test_load_components_sets_the_configured_chunks(tiny_models):
     assert loaded.clip_text.chunk == loaded.clip_img.chunk == 7
 
 
+def test_periodic_training_samples_decode_in_the_configured_chunks(tiny_models):
+    from configs.avamerg_tiny import get_config
+    from libs import trainer
+    config = get_config(tiny_models)
+    config.train.sample_every, config.encoders.vae_decode_chunk = 1, 5
+    sampling = trainer.load_sampling(config, caption_decoder=None, device=torch.device('cpu'))
+    assert sampling.autoencoder.decode_chunk == 5
+
+
 @pytest.mark.parametrize('chunk', [1, 2])
 def test_chunked_encoders_equal_unchunked(comp, faces, chunk):
     prompts = ['i feel so happy today', 'that sounds really hard', 'hi', 'a dog', 'what happened to you?']

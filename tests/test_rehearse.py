@@ -107,7 +107,8 @@ def run_rehearse(out, *flags):
 @pytest.mark.slow
 def test_tiny_rehearsal_runs_every_stage(tmp_path):
     """Every stage with tiny components (one sampling mode): the LoRA run is killed after step 1 and resumes, the
-    app serves its page, and the table has a measured row per process; a rerun skips the finished stages."""
+    app serves its page, and the table has a measured row per process; a rerun skips the finished stages, and
+    --rerun runs them again from nothing."""
     out = str(tmp_path / 'r')
     done = run_rehearse(out, '--size=tiny', '--modes=empath')
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,6 +124,16 @@ def test_tiny_rehearsal_runs_every_stage(tmp_path):
     assert os.path.isfile(os.path.join(out, 'eval', 'metrics.json'))
     again = run_rehearse(out, '--size=tiny', '--modes=empath')
     assert again.returncode == 0 and read_table(out) == table
+    # --rerun starts each stage from nothing: the LoRA run is killed after step 1 again (an old step-2 checkpoint
+    # would make it resume from 2), extraction does not meet its old manifest, eval not its old folder.
+    stale = os.path.join(out, 'eval', 'stale.txt')
+    open(stale, 'w').close()
+    rerun = run_rehearse(out, '--size=tiny', '--modes=empath', '--rerun', '--stages=extract,lora,eval')
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    with open(os.path.join(out, 'workdir', 'lora', 'log.txt'), encoding='utf-8') as f:
+        assert f.read().count('resumed from step 1') == 1
+    assert not os.path.exists(stale) and os.path.isfile(os.path.join(out, 'eval', 'metrics.json'))
+    assert read_table(out) != table
 
 
 def test_unknown_stage_is_one_line_and_exit_2(tmp_path):

@@ -31,7 +31,7 @@ def ngram_incidence(texts, n):
     from scipy import sparse
     vocab, rows, cols, counts = {}, [], [], []
     for i, text in enumerate(texts):
-        grams = metrics._ngrams(metrics.tokenize(text), n)
+        grams = metrics.ngrams(metrics.tokenize(text), n)
         counts.append(sum(grams.values()))
         for g in grams:
             rows.append(i)
