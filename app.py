@@ -356,7 +356,8 @@ def serve(config, nnet_path, host=None, port=None):
 
     from libs import memory, pipeline
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    memory.check_sampling(config, device, memory.usable_modes(config), MAX_SAMPLES)  # CUDA: what the page can ask
+    planned = memory.planned_network(config, nnet_path)  # the network nnet_path rebuilds
+    memory.check_sampling(planned, device, memory.usable_modes(planned), MAX_SAMPLES)  # CUDA: what the page can ask
     comp = pipeline.load_components(config, device, nnet_path)
     page = build_app(comp, comp.nnet_path)
     host = host or os.environ.get('GRADIO_SERVER_NAME') or '127.0.0.1'

@@ -109,7 +109,8 @@ def sample(config, mode, prompt, img, n_samples, nrow, output_path, nnet_path=No
         os.makedirs(output_path, exist_ok=True)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     needs = modes.MODE_INPUTS[mode]
-    memory.check_sampling(config, device, (mode,), n_samples)  # CUDA: refuse before loading what would not fit
+    # CUDA: refuse before loading what would not fit, planned with the network nnet_path rebuilds
+    memory.check_sampling(config, device, (mode,), n_samples, nnet_path)
     comp = pipeline.load_components(config, device, nnet_path,
                                     speaker_for=f'mode {mode}' if mode in modes.EMPATH_MODES else None)
     generator = torch.Generator(device).manual_seed(config.seed)

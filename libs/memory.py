@@ -449,9 +449,25 @@ def usable_modes(config) -> tuple:
     return tuple(m for m in modes.MODES if speaker or m not in modes.EMPATH_MODES)
 
 
-def check_sampling(config, device, modes, n_samples: int):
-    """sample_multi.py's and app.py's preflight for ``n_samples`` of the largest of ``modes``: the samples per U-ViT
-    batch (config.sample.batch_samples) is the setting to lower."""
+def planned_network(config, nnet_path=None):
+    """The config with the U-ViT that ``nnet_path`` will rebuild: a train_empath.py export carries its own nnet config,
+    which ``pipeline.load_components`` uses whatever config.nnet says. config itself for other weights, and for an
+    export not fetched yet (the preflight runs before any download)."""
+    import ml_collections
+
+    from libs import pipeline
+    stored, _ = pipeline.nnet_source(config, nnet_path, fetched=False)
+    if stored is None or stored is config.nnet:
+        return config
+    config = config.copy_and_resolve_references()
+    config.nnet = ml_collections.ConfigDict(stored)
+    return config
+
+
+def check_sampling(config, device, modes, n_samples: int, nnet_path=None):
+    """sample_multi.py's and app.py's preflight for ``n_samples`` of the largest of ``modes`` with the network of
+    ``nnet_path``: the samples per U-ViT batch (config.sample.batch_samples) is the setting to lower."""
+    config = planned_network(config, nnet_path)
     prec = sampling_precision(config, device)
     return preflight(device, f'sampling ({", ".join(modes)}, {prec})',
                      lambda v: sampling_stage(config, tuple(modes), n_samples, prec, chunk=v),
@@ -459,8 +475,10 @@ def check_sampling(config, device, modes, n_samples: int):
                      'use --config.sample.precision=bf16' if prec == 'fp32' else '')
 
 
-def check_evaluation(config, device, batch_size: int, raw: bool = True):
-    """eval_avamerg.py's preflight: its --batch_size (pairs per sampling batch) is the setting to lower."""
+def check_evaluation(config, device, batch_size: int, raw: bool = True, nnet_path=None):
+    """eval_avamerg.py's preflight with the network of ``nnet_path``: its --batch_size (pairs per sampling batch) is
+    the setting to lower."""
+    config = planned_network(config, nnet_path)
     prec = sampling_precision(config, device)
     return preflight(device, f'evaluation ({prec})', lambda v: evaluation(config, v, prec, raw), batch_size,
                      lambda v: f'--batch_size={v}', 'use --config.sample.precision=bf16' if prec == 'fp32' else '')

@@ -198,6 +198,32 @@ def test_sampling_preflight_names_batch_samples_that_fits(gpu_with, tiny_models)
     assert memory.check_sampling(config, device, ('empath',), fits) == plan(fits)  # that many samples run
 
 
+def test_preflight_plans_the_network_an_export_rebuilds(gpu_with, tiny_models, tmp_path):
+    """A train_empath.py export rebuilds the network in its metadata, whatever config.nnet says, so the sampling and
+    evaluation preflights plan that one: here a deeper network than config.nnet, which a room for config.nnet's plan
+    cannot hold."""
+    from libs.trainer import export_nnet
+    from libs.uvit import build_nnet
+    config = tiny(tiny_models, condition=True)
+    config.sample.precision = 'fp32'
+    deeper = config.copy_and_resolve_references()
+    deeper.nnet.depth = config.nnet.depth + 4
+    export = str(tmp_path / 'nnet_ema.safetensors')
+    export_nnet(build_nnet(deeper.nnet).state_dict(), export, deeper, step=1)
+    assert memory.planned_network(config, export).nnet.depth == deeper.nnet.depth
+    assert memory.planned_network(config) is config  # config.nnet_path: official weights carry no config
+    plan = memory.sampling_stage(config, ('empath',), 1, 'fp32', chunk=1)
+    assert memory.sampling_stage(deeper, ('empath',), 1, 'fp32', chunk=1) > plan
+    device = gpu_with(room_for(plan))
+    assert memory.check_sampling(config, device, ('empath',), 1) == plan
+    with pytest.raises(UserError, match='sampling'):
+        memory.check_sampling(config, device, ('empath',), 1, nnet_path=export)
+    device = gpu_with(room_for(memory.evaluation(config, 1, 'fp32')))
+    assert memory.check_evaluation(config, device, 1) is not None
+    with pytest.raises(UserError, match='evaluation'):
+        memory.check_evaluation(config, device, 1, nnet_path=export)
+
+
 def test_preflight_says_what_else_when_nothing_fits(gpu_with, tiny_models):
     config = tiny(tiny_models, condition=True)
     device = gpu_with(1000)

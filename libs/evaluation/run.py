@@ -83,7 +83,8 @@ def prepare(config, output_path, nnet_path=None, split='test', features=None, li
         baseline_registry.train_cache(config)
     hub.preflight(config, pipeline.needed_parts(need_text=features is None), nnet_path)
     acc = Accelerator()
-    memory.check_evaluation(config, acc.device, batch_size, raw=features is None)  # CUDA: refuse what would not fit
+    # CUDA: refuse what would not fit, planned with the network nnet_path rebuilds
+    memory.check_evaluation(config, acc.device, batch_size, raw=features is None, nnet_path=nnet_path)
     inception_path = config.eval.inception_path or None
     # Before loading anything: FID needs the standard Inception network, or an explicit --skip_fid.
     inception = None if skip_fid else metrics.load_inception(inception_path).to(acc.device)
