@@ -15,7 +15,7 @@ import torch
 from libs.demo.stages import MARKER, Stage, derangement, run_stages, shuffle_speakers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_TIMEOUT_S = 1800  # the quick schedule takes about 6 minutes on two idle cores
+DEMO_TIMEOUT_S = 1800  # the quick schedule took 13.5 minutes on two idle AVX2 cores (2026-12-07)
 
 # How far the fine-tuned network must beat the same network answering shuffled speaker turns. A network that ignores
 # the speaker gives the same responses to both (the per-pair noise is the same), so its margin is 0 up to the
